@@ -1,0 +1,18 @@
+"""EditSteer as a ComfyUI custom node pack.
+
+Clone this repository into ``ComfyUI/custom_nodes/`` (and ``pip install -e .`` it, or its requirements, into
+ComfyUI's Python). ComfyUI imports this file; it exposes the V3 ``comfy_entrypoint`` only when ComfyUI is
+importable, so importing the repository anywhere else does nothing.
+"""
+
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("comfy_api") is not None:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if _here not in sys.path:  # a plain clone: make diffusers_ext and comfy_nodes importable
+        sys.path.insert(0, _here)
+    from comfy_nodes import comfy_entrypoint  # noqa: E402
+
+    __all__ = ["comfy_entrypoint"]
