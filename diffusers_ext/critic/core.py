@@ -127,6 +127,13 @@ def steer_key_bias(key_mask: torch.Tensor | None, seq: int, start: int, n_c: int
     return bias
 
 
+def _swap_rows_(x: torch.Tensor, a: int, b: int, n: int) -> None:
+    """Swap rows ``[a, a + n)`` and ``[b, b + n)`` of dim 1 in place (the ranges must not overlap)."""
+    tmp = x[:, a:a + n].clone()
+    x[:, a:a + n] = x[:, b:b + n]
+    x[:, b:b + n] = tmp
+
+
 def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, n_c: int,
                      block_mode: str, scale: float = 1.0, key_mask: torch.Tensor | None = None,
                      adapter: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -135,20 +142,48 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
 
     Returns the attention output in the same joint layout (before the output projections). See the module
     docstring for the layout and the block modes.
+
+    With autograd off, ``q``, ``k`` and ``v`` are used as scratch space (the critic rows are rewritten and, in
+    read mode, swapped with the last rows so that the main tokens are a zero-copy view): callers must not reuse
+    them after the call. With autograd on, nothing is modified in place.
     """
     if block_mode == "off":
         return attn_fn(q, k, v, key_mask)
     if block_mode not in BLOCK_MODES:
         raise ValueError(f"unknown block mode {block_mode!r}")
+    inplace = not torch.is_grad_enabled()
     qc, kc, vc = take_rows(q, start, n_c), take_rows(k, start, n_c), take_rows(v, start, n_c)
     if block_mode != "dormant":
         qc, kc, vc = adapt_critic_rows(qc, kc, vc, adapter)
     if block_mode == "steer" and scale > 0:
         if adapter is not None:
-            q, k, v = replace_rows(q, qc, start), replace_rows(k, kc, start), replace_rows(v, vc, start)
+            if inplace:
+                for x, r in ((q, qc), (k, kc), (v, vc)):
+                    x[:, start:start + n_c] = r
+            else:
+                q, k, v = replace_rows(q, qc, start), replace_rows(k, kc, start), replace_rows(v, vc, start)
         mask = steer_key_bias(key_mask, q.shape[1], start, n_c, float(scale), q.shape[0], q.device, q.dtype)
         return attn_fn(q, k, v, mask)
     # read / dormant (and steer with scale 0): the main tokens run the frozen model's own attention call
+    seq = q.shape[1]
+    tail = seq - n_c
+    if inplace and tail - start >= n_c:
+        # swap the critic rows with the last n_c rows: the main tokens become the view [:tail] (no copy)
+        qc, kc, vc = qc.clone(), kc.clone(), vc.clone()
+        for x in (q, k, v):
+            _swap_rows_(x, start, tail, n_c)
+        mm = None
+        if key_mask is not None:
+            mm = key_mask.clone()
+            _swap_rows_(mm, start, tail, n_c)
+            mm = mm[:, :tail]
+        qm, km, vm = q[:, :tail], k[:, :tail], v[:, :tail]
+        out_main = attn_fn(qm, km, vm, mm)
+        out_c = (torch.zeros_like(qc, dtype=out_main.dtype) if block_mode == "dormant"
+                 else critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype))
+        # out_main rows: [text, moved tail, rest]; back to [text, critic, rest, tail]
+        return torch.cat([out_main[:, :start], out_c, out_main[:, start + n_c:], out_main[:, start:start + n_c]],
+                         dim=1)
     qm, km, vm = drop_rows(q, start, n_c), drop_rows(k, start, n_c), drop_rows(v, start, n_c)
     mm = None if key_mask is None else drop_rows(key_mask, start, n_c)
     out_main = attn_fn(qm, km, vm, mm)

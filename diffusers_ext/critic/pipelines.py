@@ -31,8 +31,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
+    FluxTransformer2DModel,
+    QwenImageEditPipeline,
+    QwenImageTransformer2DModel,
+)
 from diffusers.utils import BaseOutput
+from transformers import (  # the parents' component types (from_pipe and from_pretrained check them)
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLProcessor,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from ..errors import EditSteerConfigError
 from .apply import apply_inline_critic, describe_transformer, installed_critic
@@ -182,8 +201,10 @@ class InlineCriticKontextPipeline(_CriticPipelineMixin, FluxKontextPipeline):
         out.images[0], out.error_maps[0]
     """
 
-    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
-                 image_encoder=None, feature_extractor=None, critic=None, critic_mode: str | None = None,
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, text_encoder_2: T5EncoderModel, tokenizer_2: T5TokenizerFast,
+                 transformer: FluxTransformer2DModel, image_encoder: CLIPVisionModelWithProjection = None,
+                 feature_extractor: CLIPImageProcessor = None, critic=None, critic_mode: str | None = None,
                  critic_scale: float | None = None):
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
@@ -208,7 +229,9 @@ class InlineCriticQwenEditPipeline(_CriticPipelineMixin, QwenImageEditPipeline):
         out = pipe(image=image, prompt="make the sky pink", negative_prompt=" ", true_cfg_scale=4.0)
     """
 
-    def __init__(self, scheduler, vae, text_encoder, tokenizer, processor, transformer, critic=None,
+    def __init__(self, scheduler: FlowMatchEulerDiscreteScheduler, vae: AutoencoderKLQwenImage,
+                 text_encoder: Qwen2_5_VLForConditionalGeneration, tokenizer: Qwen2Tokenizer,
+                 processor: Qwen2VLProcessor, transformer: QwenImageTransformer2DModel, critic=None,
                  critic_mode: str | None = None, critic_scale: float | None = None):
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          processor=processor, transformer=transformer)

@@ -47,6 +47,8 @@ def blocks(transformer) -> list[torch.nn.Module]:
 def target_info(img_ids: torch.Tensor) -> tuple[int, tuple[int, int] | None]:
     """Target tokens (RoPE id axis 0 == 0; Kontext references have 1) and their (h, w) grid."""
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.device.type == "meta":  # shape-only runs (FLOP counting): treat every image token as a target
+        return ids.shape[0], None
     tgt = ids[:, 0] == 0
     n = int(tgt.sum())
     if n == 0:
@@ -78,13 +80,14 @@ def prepare_call(runtime: CriticRuntime, module, args, kwargs):
     t = b.get("timestep")
     runtime.call = CallState(active=True, mode=runtime.mode, scale=runtime.scale, n_txt=ehs.shape[1],
                              n_target=n_target, grid=grid,
-                             timestep=float(t.flatten()[0]) if torch.is_tensor(t) else t)
+                             timestep=_timestep(t))
     return b.unbind()
 
 
-def block_text(module, args, kwargs):
-    b = BoundArgs(module, args, kwargs)
-    return b, b.get("encoder_hidden_states")
+def _timestep(t):
+    if torch.is_tensor(t):
+        return None if t.device.type == "meta" else float(t.flatten()[0])
+    return t
 
 
 def block_outputs(output) -> tuple[torch.Tensor, torch.Tensor]:

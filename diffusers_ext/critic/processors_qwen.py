@@ -69,13 +69,14 @@ def prepare_call(runtime: CriticRuntime, module, args, kwargs):
     t = b.get("timestep")
     runtime.call = CallState(active=True, mode=runtime.mode, scale=runtime.scale, n_txt=ehs.shape[1],
                              n_target=n_target, grid=grid,
-                             timestep=float(t.flatten()[0]) if torch.is_tensor(t) else t)
+                             timestep=_timestep(t))
     return b.unbind()
 
 
-def block_text(module, args, kwargs):
-    b = BoundArgs(module, args, kwargs)
-    return b, b.get("encoder_hidden_states")
+def _timestep(t):
+    if torch.is_tensor(t):
+        return None if t.device.type == "meta" else float(t.flatten()[0])
+    return t
 
 
 def block_outputs(output) -> tuple[torch.Tensor, torch.Tensor]:
