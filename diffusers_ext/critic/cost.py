@@ -6,7 +6,9 @@ Configurations: the toy editor, and a few blocks of full-width FLUX.1 Kontext (w
 1024x1024 (Kontext: target + reference tokens; Qwen-Image-Edit likewise). For each: the bare transformer, the critic
 installed in ``off``, ``critique`` and ``steer`` modes (``l_in = 0``, so every block pays: the worst case),
 interleaved repeats, median times. Peak memory is the CUDA peak on a GPU, else the process's peak resident set
-reset before each forward (Linux ``/proc/self/clear_refs``).
+reset before each forward (Linux ``/proc/self/clear_refs``). Machine-independent numbers for the *whole* full-size
+architectures come from the meta device: exact FLOPs (``torch.utils.flop_counter``) and exact peak tensor memory
+(weights + activations in bf16, ``MemTracker``, attention modelled as a flash-type kernel).
 
 Example::
 
@@ -196,6 +198,50 @@ def count_flops(build, make_inputs, critic_kwargs: dict) -> dict:
             "blocks": critic.config.depth}
 
 
+def count_memory(build, make_inputs, critic_kwargs: dict, dtype) -> dict:
+    """Exact peak tensor memory (weights + activations, ``torch.distributed._tools.mem_tracker.MemTracker``) of one
+    inference forward per mode, on the meta device at full size. Attention is modelled as a memory-efficient
+    (flash-type) kernel that allocates only its output: on meta, torch would otherwise decompose it into the math
+    kernel and materialise the full score matrix."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from .apply import apply_inline_critic, critic_config_for, remove_inline_critic
+    from .module import InlineCritic
+
+    def flash_like(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+
+    with torch.device("meta"):
+        t = build().to(dtype)
+        critic = InlineCritic(critic_config_for(t, **critic_kwargs))
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in make_inputs(t).items()}
+    peaks = {}
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = flash_like
+    try:
+        with torch.no_grad():
+            for m in ("bare", "critique", "steer"):
+                handle = None if m == "bare" else apply_inline_critic(t, critic, mode=m)
+                mt = MemTracker()
+                mt.track_external(t, critic)
+                with mt:
+                    t(**inputs)
+                peaks[m] = sum(v.get("Total", 0) for v in mt.get_tracker_snapshot("peak").values())
+                if handle is not None:
+                    remove_inline_critic(t)
+    finally:
+        F.scaled_dot_product_attention = original
+    weights = sum(p.numel() * p.element_size() for p in t.parameters())
+    return {"peak_mb": {m: round(v / 2**20, 1) for m, v in peaks.items()},
+            "weights_mb": round(weights / 2**20, 1),
+            "extra_mb": {m: round((peaks[m] - peaks["bare"]) / 2**20, 1) for m in ("critique", "steer")},
+            "extra_pct_of_activations": {m: round(100 * (peaks[m] - peaks["bare"]) / max(peaks["bare"] - weights, 1), 3)
+                                         for m in ("critique", "steer")}}
+
+
 def analytic_overhead(width: int, tokens: int, n_c: int = 1) -> float:
     """Extra work of ``n_c`` critic rows relative to a block over ``tokens`` rows: linear layers scale with rows
     (``n_c / tokens``), joint attention gains ``n_c`` keys per query (``~ n_c / tokens``), read mode adds ``n_c``
@@ -206,7 +252,9 @@ def analytic_overhead(width: int, tokens: int, n_c: int = 1) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffusers_ext.critic.cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/critic-cost")
-    p.add_argument("--only", default="toy,flops,flux,qwen", help="comma-separated subset of toy,flops,flux,qwen")
+    p.add_argument("--only", default="toy,flops,flux,qwen",
+                   help="comma-separated subset of toy,flops,memory,flux,qwen (memory: exact bf16 peak of the whole "
+                        "architectures on the meta device, slow: about 4 minutes per size and model on 1 core)")
     p.add_argument("--sizes", default="512,1024", help="image sides in pixels for the full-width models")
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per mode at 1024 (2x at 512, 20x toy)")
     p.add_argument("--flux-blocks", default="0,1", help="double,single blocks of the timed full-width Flux")
@@ -254,7 +302,7 @@ def main(argv=None) -> int:
               f"{r['peak_extra_mb_median']['steer']:.0f})", flush=True)
         save()
 
-    if "flops" in only:
+    if "flops" in only or "memory" in only:
         for side in sizes:
             for name, build, make in (
                     ("FLUX.1 Kontext (19 double + 38 single blocks)", lambda: flux_full_width(19, 38, None, None),
@@ -262,10 +310,14 @@ def main(argv=None) -> int:
                     ("Qwen-Image (60 blocks)", lambda: qwen_full_width(60, None, None),
                      lambda t: qwen_inputs(t, side, args.qwen_text, 1, torch.float32, "meta")[0])):
                 f = count_flops(build, make, crit)
+                msg = (f"{name} {side}x{side}: {f['tflops']['bare']:.1f} TFLOP/forward; critic +"
+                       f"{f['overhead_pct']['critique']:.4f}% (critique), +{f['overhead_pct']['steer']:.4f}% (steer)")
+                if "memory" in only:
+                    f["memory_bf16"] = mem = count_memory(build, make, crit, torch.bfloat16)
+                    msg += (f"; bf16 peak {mem['peak_mb']['bare']:.0f} MB, critic {mem['extra_mb']['critique']:+.1f}"
+                            f" / {mem['extra_mb']['steer']:+.1f} MB")
                 results["flops"].append({"name": name, "side": side, **f})
-                print(f"{name} {side}x{side}: {f['tflops']['bare']:.1f} TFLOP/forward; critic +"
-                      f"{f['overhead_pct']['critique']:.4f}% (critique), +{f['overhead_pct']['steer']:.4f}% (steer)",
-                      flush=True)
+                print(msg, flush=True)
                 save()
     if "toy" in only:
         from ..toy.editor import load_toy_editor, toy_pipeline_kwargs
