@@ -228,7 +228,7 @@ class CriticConfig:
             "stage": str(self.stage),
             "adapter_rank": str(self.adapter_rank),
             "trainable": "critic tokens, critique head" + (
-                f", rank-{self.adapter_rank} critic q/k/v adapters per block" if self.adapter_rank else ""),
+                f", per-block critic q/k/v adapters (rank {self.adapter_rank} + offsets)" if self.adapter_rank else ""),
             "pack_version": PACK_VERSION,
             "config": self.to_json(),
         }

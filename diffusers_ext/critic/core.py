@@ -78,22 +78,29 @@ def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2)
 
 
-def lowrank_residual(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``x + (x @ down) @ up`` on the flattened heads of ``x`` (``(B, n, H, Dh)``); ``down (H*Dh, r)``,
-    ``up (r, H*Dh)``. The critic's per-block adapter; ``up`` starts at zero so a new adapter is the identity."""
+def lowrank_residual(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + (x @ down) @ up + bias`` on the flattened heads of ``x`` (``(B, n, H, Dh)``); ``down (H*Dh, r)``,
+    ``up (r, H*Dh)``, ``bias (n, H*Dh)``. The critic's per-block adapter; ``up`` and ``bias`` start at zero so a new
+    adapter is the identity. The bias gives every block its own learned critic key/value offsets (prefix-tuning
+    style capacity); the low-rank term keeps them a function of what the critic has read."""
     b, n, h, d = x.shape
     flat = x.reshape(b, n, h * d)
     delta = (flat.to(down.dtype) @ down) @ up
+    if bias is not None:
+        delta = delta + bias
     return (flat + delta.to(x.dtype)).reshape(b, n, h, d)
 
 
-def adapt_critic_rows(qc, kc, vc, adapter: tuple[torch.Tensor, torch.Tensor] | None):
-    """Apply a block's adapter ``(down (3, W, r), up (3, r, W))`` to the critic rows of q, k and v."""
+def adapt_critic_rows(qc, kc, vc, adapter: tuple[torch.Tensor, ...] | None):
+    """Apply a block's adapter ``(down (3, W, r), up (3, r, W)[, bias (3, n_c, W)])`` to the critic rows of q, k
+    and v (index 0, 1, 2)."""
     if adapter is None:
         return qc, kc, vc
-    down, up = adapter
-    return (lowrank_residual(qc, down[0], up[0]), lowrank_residual(kc, down[1], up[1]),
-            lowrank_residual(vc, down[2], up[2]))
+    down, up = adapter[0], adapter[1]
+    bias = adapter[2] if len(adapter) > 2 else (None, None, None)
+    return (lowrank_residual(qc, down[0], up[0], bias[0]), lowrank_residual(kc, down[1], up[1], bias[1]),
+            lowrank_residual(vc, down[2], up[2], bias[2]))
 
 
 def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
@@ -136,7 +143,7 @@ def _swap_rows_(x: torch.Tensor, a: int, b: int, n: int) -> None:
 
 def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, n_c: int,
                      block_mode: str, scale: float = 1.0, key_mask: torch.Tensor | None = None,
-                     adapter: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     adapter: tuple[torch.Tensor, ...] | None = None,
                      attn_fn: AttnFn = sdpa_bshd) -> torch.Tensor:
     """One block's attention with the critic rows at ``[start, start + n_c)`` of the joint ``BSHD`` sequence.
 

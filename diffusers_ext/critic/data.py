@@ -38,14 +38,15 @@ class KontextEditData:
     grid: tuple[int, int]
     instructions: list[str]
     families: list[str]
+    edit_tokens: torch.Tensor | None = None  # (N, T) bool: target tokens that overlap the edit mask
 
     def __len__(self) -> int:
         return self.x0.shape[0]
 
     @classmethod
     @torch.no_grad()
-    def from_cases(cls, pipe, sources, targets, instructions, families=None, *, settings: dict | None = None,
-                   chunk: int = 64) -> "KontextEditData":
+    def from_cases(cls, pipe, sources, targets, instructions, families=None, masks=None, *,
+                   settings: dict | None = None, chunk: int = 64) -> "KontextEditData":
         from ..toy.editor import toy_pipeline_kwargs
 
         kw = toy_pipeline_kwargs(pipe, **(settings or {}))
@@ -73,20 +74,24 @@ class KontextEditData:
             img_ids = torch.cat([lat_ids, cond_ids])
             grid = (lh // 2, lw // 2)
         guidance = kw["guidance_scale"] if pipe.transformer.config.guidance_embeds else None
+        edit_tokens = None if masks is None else token_masks(masks, grid)
         return cls(torch.cat(xs), torch.cat(cs), torch.cat(pes), torch.cat(pps), text_ids, img_ids,
                    inference_sigmas(pipe, xs[0].shape[1], kw["num_inference_steps"]), guidance, grid,
-                   list(instructions), list(families or [""] * len(instructions)))
+                   list(instructions), list(families or [""] * len(instructions)), edit_tokens)
 
     @classmethod
     def from_toy_world(cls, pipe, n_cases: int, split: str = "train", seed: int = 0,
                        families: tuple[str, ...] = W.FAMILIES, **kw) -> "KontextEditData":
         cases = [W.make_case(split, seed, i, families) for i in range(n_cases)]
         return cls.from_cases(pipe, [c.source for c in cases], [c.target for c in cases],
-                              [c.instruction for c in cases], [c.family for c in cases], **kw)
+                              [c.instruction for c in cases], [c.family for c in cases], [c.mask for c in cases], **kw)
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {"x0": self.x0[idx], "cond": self.cond[idx], "prompt_embeds": self.prompt_embeds[idx],
-                "pooled": self.pooled[idx]}
+        b = {"x0": self.x0[idx], "cond": self.cond[idx], "prompt_embeds": self.prompt_embeds[idx],
+             "pooled": self.pooled[idx]}
+        if self.edit_tokens is not None:
+            b["edit_tokens"] = self.edit_tokens[idx]
+        return b
 
     def noised(self, batch: dict, generator: torch.Generator, sigma_index: torch.Tensor | None = None):
         """``x_t = (1 - s) x0 + s noise``, ``v* = noise - x0``, with ``s`` drawn from the inference schedule."""
@@ -109,6 +114,17 @@ class KontextEditData:
                           pooled_projections=batch["pooled"], encoder_hidden_states=batch["prompt_embeds"],
                           txt_ids=self.text_ids, img_ids=self.img_ids, return_dict=False)[0]
         return out[:, :n]
+
+
+def token_masks(masks, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel edit masks (N, H, W) -> (N, h*w) bool over the packed target tokens (a token is "edit" if any of its
+    pixels is)."""
+    import torch.nn.functional as F
+
+    m = torch.as_tensor(np.stack([np.asarray(x) for x in masks]), dtype=torch.float32)[:, None]
+    h, w = grid
+    pooled = F.adaptive_max_pool2d(m, (h, w))
+    return pooled.flatten(1) > 0
 
 
 def inference_sigmas(pipe, image_seq_len: int, steps: int) -> torch.Tensor:

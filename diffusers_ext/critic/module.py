@@ -62,15 +62,17 @@ class CritiqueHead(nn.Module):
 
 
 class CriticAdapter(nn.Module):
-    """Low-rank residual on one block's critic rows of q, k, v (``core.lowrank_residual``); starts as identity."""
+    """One block's adapter on the critic rows of q, k, v: a low-rank residual plus a per-token offset
+    (``core.lowrank_residual``); starts as the identity."""
 
-    def __init__(self, width: int, rank: int):
+    def __init__(self, width: int, rank: int, n_tokens: int):
         super().__init__()
         self.down = nn.Parameter(torch.randn(3, width, rank) / math.sqrt(width))
         self.up = nn.Parameter(torch.zeros(3, rank, width))
+        self.bias = nn.Parameter(torch.zeros(3, n_tokens, width))
 
-    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.down, self.up
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.down, self.up, self.bias
 
 
 class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["inline-critic", "image-editing"],
@@ -78,8 +80,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     """Critic tokens + critique heads (+ optional per-block critic adapters) for one backbone.
 
     Parameters (state-dict keys): ``tokens (n_c, width)``; ``heads.<l_c>.*`` (one :class:`CritiqueHead` per
-    critique block); ``adapters.<block>.down (3, width, r)`` / ``.up (3, r, width)`` for every block from ``l_in``
-    when ``adapter_rank > 0``. Keep them in float32; they are cast to the activations' dtype where they meet them.
+    critique block); ``adapters.<block>.down (3, width, r)`` / ``.up (3, r, width)`` / ``.bias (3, n_c, width)`` for every
+    block from ``l_in`` when ``adapter_rank > 0``. Keep them in float32; they are cast to the activations' dtype where they meet them.
     """
 
     def __init__(self, config: CriticConfig):
@@ -90,7 +92,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
         w = config.width
         self.tokens = nn.Parameter(torch.randn(config.n_tokens, w) * 0.02)
         self.heads = nn.ModuleDict({str(l): CritiqueHead(w, config.n_tokens, config.head_hidden) for l in config.l_c})
-        self.adapters = nn.ModuleDict({str(b): CriticAdapter(w, config.adapter_rank) for b in config.adapter_blocks()})
+        self.adapters = nn.ModuleDict({str(b): CriticAdapter(w, config.adapter_rank, config.n_tokens)
+                                       for b in config.adapter_blocks()})
 
     # -- per-call computations (shared with the ComfyUI adapter) ------------------------------------------------
     def token_rows(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -200,7 +203,10 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
             found = resolve(get_artifact(name), allow_download=allow_download)
             f = found.path / WEIGHTS_NAME if found.path.is_dir() else found.path
             return cls.load_file(f, artifact_id=name)
-        if name.count("/") != 1 or name.startswith((".", "/")):
+        if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+            raise WeightsError("no such file or folder", artifact_id=name,
+                               hint="pass an existing critic folder or critic.safetensors file")
+        if name.count("/") != 1:
             raise WeightsError("not a file, a folder, a manifest id or a Hub repo id", artifact_id=name,
                                hint="pass a critic folder, a critic.safetensors file, an id listed by "
                                     "`editsteer weights list`, or a Hub repo id 'org/name'")

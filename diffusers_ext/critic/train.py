@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps per stage")
     p.add_argument("--lambda-crit", dest="lambda_crit", type=float, default=1.0,
                    help="weight of the critique loss in stage 3")
+    p.add_argument("--edit-weight", type=float, default=0.0,
+                   help="stage-3 flow-matching loss weight 1 + w on target tokens inside the edit mask (the toy "
+                        "editor's own training weights them so; 0: plain flow matching)")
     p.add_argument("--n-tokens", type=int, default=1, help="critic tokens n_c")
     p.add_argument("--l-in", type=_layers, default="auto", help="insertion block, or 'auto' (probe curve)")
     p.add_argument("--l-c", type=_layers, default="auto",
@@ -130,7 +133,7 @@ class StopTraining(Exception):
 
 
 # -- the per-stage training module -------------------------------------------------------------------------------
-def _stage_module(stage: int, transformer, trainable, data, handle, lambda_crit: float):
+def _stage_module(stage: int, transformer, trainable, data, handle, lambda_crit: float, edit_weight: float = 0.0):
     import torch
     import torch.nn.functional as F
 
@@ -160,7 +163,12 @@ def _stage_module(stage: int, transformer, trainable, data, handle, lambda_crit:
             rho = core.spearman(e_hat.detach(), target).nanmean()
             if stage == 2:
                 return {"loss": l_crit, "l_crit": l_crit.detach(), "rho": rho}
-            l_fm = F.mse_loss(v_hat.float(), v_star.float())
+            err = (v_hat.float() - v_star.float()).pow(2).mean(-1)  # (B, tokens)
+            if edit_weight and "edit_tokens" in batch:
+                w = 1.0 + edit_weight * batch["edit_tokens"].to(err)
+                l_fm = (err * w).sum() / w.sum()
+            else:
+                l_fm = err.mean()
             return {"loss": l_fm + lambda_crit * l_crit, "l_fm": l_fm.detach(), "l_crit": l_crit.detach(),
                     "rho": rho}
 
@@ -182,7 +190,7 @@ def _train_stage(acc, stage: int, steps: int, start_step: int, transformer, trai
 
         f = out / "checkpoints" / "latest" / "optimizer.safetensors"
         _load_optimizer(opt, load_safetensors(f), json.loads(read_safetensors_metadata(f)["optimizer"]))
-    module = _stage_module(stage, transformer, trainable, data, handle, args.lambda_crit)
+    module = _stage_module(stage, transformer, trainable, data, handle, args.lambda_crit, args.edit_weight)
     module, opt = acc.prepare(module, opt)
     rank, world = acc.process_index, acc.num_processes
     t0 = time.perf_counter()
@@ -253,7 +261,7 @@ def _validate(transformer, data, handle, mode: str, seed: int = 123, batch_size:
 
     from . import core
 
-    sums = {"fm_off": 0.0, "fm": 0.0, "crit_mse": 0.0, "rho": 0.0}
+    sums = {"fm_off": 0.0, "fm": 0.0, "fm_edit_off": 0.0, "fm_edit": 0.0, "crit_mse": 0.0, "rho": 0.0}
     n = 0
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -270,6 +278,11 @@ def _validate(transformer, data, handle, mode: str, seed: int = 123, batch_size:
             b = len(idx)
             sums["fm_off"] += F.mse_loss(v_off.float(), v_star.float()).item() * b
             sums["fm"] += F.mse_loss(v.float(), v_star.float()).item() * b
+            if "edit_tokens" in batch:
+                m = batch["edit_tokens"].float()
+                den = float(m.sum().clamp_min(1))
+                sums["fm_edit_off"] += ((v_off.float() - v_star.float()).pow(2).mean(-1) * m).sum().item() / den * b
+                sums["fm_edit"] += ((v.float() - v_star.float()).pow(2).mean(-1) * m).sum().item() / den * b
             sums["crit_mse"] += F.mse_loss(e_hat, target).item() * b
             sums["rho"] += float(core.spearman(e_hat, target).nanmean()) * b
             n += b
