@@ -58,7 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--grad-accum", type=int, default=1)
     o.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (official: 1e-5 stage 2, 5e-6 CD, "
                    "1e-6 DMD generator)")
-    o.add_argument("--lr-critic", type=float, default=None, help="DMD fake-score learning rate (default 5x --lr)")
+    o.add_argument("--lr-gen", type=float, default=None,
+                   help="DMD generator learning rate (default 0.2 x --lr: official 1e-6 vs CD 5e-6)")
+    o.add_argument("--lr-critic", type=float, default=None, help="DMD fake-score learning rate (default --lr)")
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--max-grad-norm", type=float, default=10.0)
     o.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
@@ -77,12 +79,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--pool-sequences", type=int, default=1024, help="toy: distinct sequences")
     s1 = p.add_argument_group("stage 1")
     s1.add_argument("--null-prob", type=float, default=0.1, help="share of identity pairs (empty instruction)")
+    s1.add_argument("--timestep-sampling", default="uniform", choices=("uniform", "logit-normal"),
+                    help="target timestep of stage 1: uniform in [20, 980] (the official ratios) or logit-normal "
+                         "(SD3's, denser at mid noise)")
     s2 = p.add_argument_group("stage 2")
     s2.add_argument("--self-forcing-prob", type=float, default=0.3)
     s2.add_argument("--self-forcing-warmup", type=int, default=500)
     s2.add_argument("--turn-weight-alpha", type=float, default=1.0)
     s2.add_argument("--no-degradation", action="store_true")
     s2.add_argument("--no-monotonic", action="store_true", help="the released bidirectional-ablation schedules")
+    s2.add_argument("--clean-history-prob", type=float, default=0.0,
+                    help="EditSteer option (not in the official recipe): share of samples whose history frames "
+                         "before a random cut are clean (t = context timestep, no loss), as at inference")
     s3 = p.add_argument_group("stage 3")
     s3.add_argument("--cd-steps", type=int, default=0)
     s3.add_argument("--dmd-steps", type=int, default=0)

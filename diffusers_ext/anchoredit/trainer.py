@@ -55,6 +55,11 @@ def _uniform_t(batch: int, g, lo: int = 20, hi: int = 980) -> torch.Tensor:
     return (lo + torch.rand(batch, generator=g) * (hi - lo)).floor()
 
 
+def _logit_normal_t(batch: int, g, lo: int = 20, hi: int = 980) -> torch.Tensor:
+    u = torch.sigmoid(torch.randn(batch, generator=g))
+    return (lo + u * (hi - lo)).floor()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the shared loop
 
@@ -160,11 +165,11 @@ class _Phase:
         """Returns True when the phase finished (False: stopped by --max-minutes)."""
         run, acc, args = self.run, self.run.acc, self.run.args
         start = self.resume_step()
-        info = run.record["phases"].setdefault(self.name, {"steps": 0, "wall_s": 0.0, "done": False})
+        info = run.record["phases"].setdefault(self.name, {"steps": 0, "wall_s": 0.0, "cpu_s": 0.0, "done": False})
         if start is None:
             return True
-        t_phase = time.perf_counter()
-        wall0 = info["wall_s"]
+        t_phase, c_phase = time.perf_counter(), time.process_time()
+        wall0, cpu0 = info["wall_s"], info.get("cpu_s", 0.0)
         finished = True
         step = start
         ema_losses: dict[str, float] = {}
@@ -197,10 +202,12 @@ class _Phase:
                 run.log(row)
                 if acc.is_main_process:
                     print(json.dumps(row), flush=True)
-            info.update(steps=step, wall_s=wall0 + time.perf_counter() - t_phase)
+            info.update(steps=step, wall_s=wall0 + time.perf_counter() - t_phase,
+                         cpu_s=cpu0 + time.process_time() - c_phase)
             if step % args.save_every == 0 and step < self.steps:
                 self._save(step, done=False)
-        info.update(steps=step, wall_s=wall0 + time.perf_counter() - t_phase, done=finished)
+        info.update(steps=step, wall_s=wall0 + time.perf_counter() - t_phase,
+                    cpu_s=cpu0 + time.process_time() - c_phase, done=finished)
         self._save(step, done=finished)
         return finished
 
@@ -241,6 +248,8 @@ def train(args) -> int:
         ok = _stage3(run, pipe, data)
     run.record["finished"] = bool(ok)
     run.record["total_wall_s"] = sum(p.get("wall_s", 0.0) for p in run.record["phases"].values())
+    run.record["process_wall_s"] = time.perf_counter() - run.t0
+    run.record["process_cpu_s"] = time.process_time()
     run.write_record()
     return 0
 
@@ -328,7 +337,8 @@ def _stage1(run: _Run, pipe, data) -> bool:
         tgt = torch.where(is_null.view(-1, 1, 1, 1).to(tgt.device), src, tgt)
         emb = torch.where(is_null.view(-1, 1, 1).to(emb.device), null.expand_as(emb), emb)
         x0 = torch.stack([src, tgt], 2)  # [B, C, 2, h, w]
-        t = torch.stack([torch.full((bs,), ctx_t), _uniform_t(bs, g)], 1).to(x0.device)
+        tt = _logit_normal_t(bs, g) if args.timestep_sampling == "logit-normal" else _uniform_t(bs, g)
+        t = torch.stack([torch.full((bs,), ctx_t), tt], 1).to(x0.device)
         noise = _randn(x0.shape, g, x0)
         xt = add_noise(x0, noise, t)
         ctx = torch.stack([null.expand_as(emb), emb], 1)
@@ -376,6 +386,12 @@ def _stage2(run: _Run, pipe, data) -> bool:
         lat, ctx = lat.to(acc.device), ctx.to(acc.device)
         frames = turns + 1
         t = sample_frame_timesteps(bs, frames, g, tcfg).to(lat.device)
+        clean = torch.zeros(bs, frames, dtype=torch.bool)
+        if args.clean_history_prob > 0 and frames > 1:  # clean history before a random cut, as at inference
+            pick = torch.rand(bs, generator=g) < args.clean_history_prob
+            cut = torch.randint(1, frames, (bs,), generator=g)
+            clean = pick[:, None] & (torch.arange(frames)[None] < cut[:, None])
+            t = torch.where(clean.to(t.device), torch.full_like(t, float(pipe.anchoredit_config.context_timestep)), t)
         noise = _randn(lat.shape, g, lat)
         active = args.self_forcing_prob > 0 and step >= args.self_forcing_warmup and frames > 2
         replaced = torch.zeros(bs, frames, dtype=torch.bool)
@@ -391,9 +407,10 @@ def _stage2(run: _Run, pipe, data) -> bool:
         deg = degrade_history(hist.transpose(1, 2), g, dcfg, vae_rt).transpose(1, 2)
         xt = add_noise(deg, noise, t)
         v = anchoredit_forward(model, xt, t, ctx)
-        w = turn_weights(bs, frames, args.turn_weight_alpha, replaced)
+        w = turn_weights(bs, frames, args.turn_weight_alpha, replaced | clean)
         loss = turn_weighted_mse(v, noise - lat, w)
         return loss, {"turns": turns, "replaced": float(replaced[:, 1:].float().mean()),
+                      "clean": float(clean[:, 1:].float().mean()),
                       "t_first": float(t[:, 0].mean()), "t_last": float(t[:, -1].mean())}
 
     ok = _Phase(run, "stage2", args.steps, model, opt, sched).run_loop(loss_fn)
@@ -511,8 +528,9 @@ def _stage3(run: _Run, pipe, data) -> bool:
     # ---- 3b: DMD ---------------------------------------------------------------------------------------------
     if args.dmd_steps > 0:
         fake = _copy_model(base, cfg, True, dev)
-        lr_c = args.lr_critic if args.lr_critic is not None else 5 * args.lr
-        opt_g, sched_g = _optimizer(student.parameters(), args.lr, args, betas=(0.0, 0.999))
+        lr_c = args.lr_critic if args.lr_critic is not None else args.lr
+        lr_g = args.lr_gen if args.lr_gen is not None else 0.2 * args.lr
+        opt_g, sched_g = _optimizer(student.parameters(), lr_g, args, betas=(0.0, 0.999))
         opt_c, sched_c = _optimizer(fake.parameters(), lr_c, args, betas=(0.0, 0.999))
         gen_p, fake_p, opt_g, opt_c, sched_g, sched_c = acc.prepare(student, fake, opt_g, opt_c, sched_g, sched_c)
         ratio = max(1, args.gen_update_ratio)
