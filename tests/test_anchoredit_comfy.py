@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_harness import comfy, load_workflow, requires_comfyui  # noqa: F401
+from comfy_harness import comfy, comfy_server, load_workflow, requires_comfyui  # noqa: F401
 
 pytestmark = requires_comfyui
 
@@ -104,3 +104,29 @@ def test_bad_inputs_are_clear_errors(comfy, nodes, tiny_model):  # noqa: F811
 
     with pytest.raises((ModelFamilyError, EditSteerConfigError)):
         nodes.EditSteerAnchorEditLoadSession.execute(toy, saved)
+
+
+def test_ui_workflow_matches_its_api_twin(comfy):  # noqa: F811
+    """The UI-format file (what users drag in) describes the same graph as the API file the tests execute."""
+    ui = load_workflow("editsteer_anchoredit_toy.json")
+    api = load_workflow(WORKFLOW)
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    links = {lk[0]: lk for lk in ui["links"]}
+    for node in ui["nodes"]:
+        inputs = api[str(node["id"])]["inputs"]
+        for inp in node["inputs"]:  # every socket input is the same link as in the API graph
+            _, src, slot, dst, _, _ = links[inp["link"]]
+            assert inputs[inp["name"]] == [str(src), slot] and dst == node["id"]
+        schema = comfy.node_class(node["type"])
+        names = [n for n, spec in {**schema.INPUT_TYPES().get("required", {}),
+                                   **schema.INPUT_TYPES().get("optional", {})}.items()
+                 if not isinstance(inputs.get(n), list)]
+        values = [v for v in node["widgets_values"] if v not in ("fixed", "randomize")]
+        assert values == [inputs[n] for n in names], node["type"]
+
+
+def test_api_workflow_runs_on_a_comfyui_server(comfy_server):  # noqa: F811
+    entry = comfy_server.post_prompt(load_workflow(WORKFLOW), timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = entry["outputs"]["8"]["images"]
+    assert len(saved) == 4  # the source and three turns
