@@ -63,7 +63,8 @@ def test_three_stage_training_resumes_exactly_and_exports(critic_editor_dir, tmp
     from diffusers_ext.weights import load_manifest
 
     art = load_manifest()["my-critic"]
-    assert {f.path for f in art.files} == {"critic.safetensors", "config.json"}
+    assert {f.path for f in art.files} == {"critic.safetensors", "config.json", "README.md", "training.json"}
+    assert art.extra["training"]["stages"] == [1, 2, 3] and art.status == "unpublished"
     assert art.produced_by.startswith("editsteer train critic") and art.bundled_path == "my-critic"
     monkeypatch.setenv("EDITSTEER_WEIGHTS_DIR", str(tmp_path / "x"))
     assert InlineCritic.from_pretrained("my-critic").config == critic.config
@@ -79,3 +80,18 @@ def test_bench_critic_method_runs_in_the_harness(critic_editor_dir, critic_folde
     case = res["per_case"][0]
     assert (tmp_path / "bench" / "cases" / case["id"] / "error_map.png").is_file()
     assert "critic_error_in_mask" in case
+
+
+def test_max_minutes_time_box_ends_every_stage_early_with_a_usable_critic(critic_editor_dir, tmp_path):
+    from diffusers_ext.critic import train
+
+    out = tmp_path / "boxed"
+    argv = ["--model", critic_editor_dir, *TRAIN, "--steps1", 500, "--steps2", 500, "--steps3", 500,
+            "--max-minutes", 1e-6, "--out", out]
+    assert train.run(_args(train, argv)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == {"1": 1, "2": 1, "3": 1}  # each stage: one step, then its share is spent
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum("time box" in r.get("event", "") for r in log) == 3
+    critic = InlineCritic.from_pretrained(out / "critic")
+    assert critic.config.stage == 3 and critic.config.mode == "steer"

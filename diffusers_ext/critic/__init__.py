@@ -13,7 +13,7 @@ Example::
     from diffusers_ext.toy.editor import load_toy_editor, toy_pipeline_kwargs
     from diffusers_ext.toy import world
     pipe, _ = load_toy_editor(pipeline_cls=InlineCriticKontextPipeline)
-    pipe.load_critic("toy-kontext-critic", mode="steer")
+    pipe.load_critic("toy-critic", mode="steer")
     case = world.make_case("heldout", seed=0, index=0)
     out = pipe(image=world.to_pil(case.source), prompt=case.instruction, output_type="np",
                **toy_pipeline_kwargs(pipe))

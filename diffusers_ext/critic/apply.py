@@ -9,7 +9,7 @@ head). ``remove_inline_critic(transformer)`` removes the hooks and puts the very
 Example::
 
     from diffusers_ext.critic import apply_inline_critic, remove_inline_critic, InlineCritic
-    critic = InlineCritic.from_pretrained("toy-kontext-critic")
+    critic = InlineCritic.from_pretrained("toy-critic")
     handle = apply_inline_critic(pipe.transformer, critic, mode="steer")
     with handle.session(mode="critique") as records:       # per-call mode; records the error maps
         pipe(image=image, prompt="make the red circle blue", ...)
@@ -191,7 +191,7 @@ def apply_inline_critic(transformer, critic, mode: str | None = None, scale: flo
 
     Example::
 
-        handle = apply_inline_critic(pipe.transformer, "toy-kontext-critic", mode="steer")
+        handle = apply_inline_critic(pipe.transformer, "toy-critic", mode="steer")
     """
     critic = InlineCritic.from_pretrained(critic)
     fam = family_of(transformer)

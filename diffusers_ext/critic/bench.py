@@ -19,7 +19,7 @@ import numpy as np
 
 from ..bench.base import BenchMethod, MethodResult
 
-VARIANTS = {"full": "toy-kontext-critic", "stage3-only": "toy-kontext-critic-stage3only"}
+VARIANTS = {"full": "toy-critic", "stage3-only": "toy-critic-stage3only"}
 
 
 class CriticMethod(BenchMethod):

@@ -182,7 +182,7 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
 
         Example::
 
-            critic = InlineCritic.from_pretrained("toy-kontext-critic")        # bundled, verified
+            critic = InlineCritic.from_pretrained("toy-critic")        # bundled, verified
         """
         if isinstance(pretrained, InlineCritic):
             return pretrained

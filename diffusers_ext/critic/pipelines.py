@@ -135,7 +135,7 @@ class _CriticPipelineMixin:
 
         Example::
 
-            pipe.load_critic("toy-kontext-critic", mode="steer")
+            pipe.load_critic("toy-critic", mode="steer")
         """
         if not isinstance(critic, InlineCritic):
             critic = InlineCritic.from_pretrained(critic, allow_download=allow_download)
@@ -195,7 +195,7 @@ class InlineCriticKontextPipeline(_CriticPipelineMixin, FluxKontextPipeline):
         from diffusers_ext.toy.editor import load_toy_editor, toy_pipeline_kwargs
         from diffusers_ext.toy import world
         pipe, _ = load_toy_editor(pipeline_cls=InlineCriticKontextPipeline)
-        pipe.load_critic("toy-kontext-critic", mode="steer")
+        pipe.load_critic("toy-critic", mode="steer")
         case = world.make_case("heldout", seed=0, index=0)
         out = pipe(image=world.to_pil(case.source), prompt=case.instruction, **toy_pipeline_kwargs(pipe))
         out.images[0], out.error_maps[0]

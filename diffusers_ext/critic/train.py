@@ -71,8 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after N optimizer steps in this invocation (a checkpoint is written; continue with "
                         "--resume): time-sliced training on a shared machine")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="time box of this invocation: each stage gets a share of M minutes proportional to its "
+                        "step count and ends early (checkpoint, validation and log record included) when its share "
+                        "is spent; the log records the steps actually done")
     p.add_argument("--export", default=None, help="also write the final critic folder here (critic.safetensors + "
-                                                  "config.json), e.g. diffusers_ext/assets/toy-kontext-critic")
+                                                  "config.json), e.g. diffusers_ext/assets/toy-critic")
     p.add_argument("--register", default=None, metavar="ID",
                    help="with --export: write weights_manifest/ID.json for the exported folder")
     p.add_argument("--description", default=None, help="manifest description (with --register)")
@@ -195,7 +199,15 @@ def _train_stage(acc, stage: int, steps: int, start_step: int, transformer, trai
     rank, world = acc.process_index, acc.num_processes
     t0 = time.perf_counter()
     step = start_step
+    deadline = None if budget.get("seconds", {}).get(stage) is None else t0 + budget["seconds"][stage]
     for step in range(start_step, steps):
+        if deadline is not None and step > start_step and time.perf_counter() > deadline:
+            log({"stage": stage, "event": f"time box: stage {stage} ends at step {step}/{steps}", "step": step,
+                 "steps": steps})
+            budget.setdefault("steps_done", {})[stage] = step
+            if acc.is_main_process:
+                save_checkpoint(out, stage, step, acc.unwrap_model(module).trainable, opt, run_state)
+            return
         g = torch.Generator().manual_seed(hash((args.seed, stage, step, rank)) % (2**63))
         idx = torch.randint(len(data), (args.batch_size,), generator=g)
         batch = {k: v.to(acc.device) for k, v in data.batch(idx).items()}
@@ -223,6 +235,7 @@ def _train_stage(acc, stage: int, steps: int, start_step: int, transformer, trai
         acc.wait_for_everyone()
         if stop:
             raise StopTraining(f"stopped after {budget['done']} steps (stage {stage}, step {step + 1}/{steps})")
+    budget.setdefault("steps_done", {})[stage] = steps
 
 
 def _init_tokens_from_text(transformer, critic, data, handle, n: int = 16) -> None:
@@ -351,6 +364,11 @@ def run(args) -> int:
         summary = {**json.loads((out / "summary.json").read_text()), **summary}
 
     budget = {"done": 0}
+    if args.max_minutes is not None:
+        if args.max_minutes <= 0:
+            raise EditSteerConfigError(f"--max-minutes must be positive, got {args.max_minutes}")
+        todo = {s: getattr(args, f"steps{s}") for s in stages}
+        budget["seconds"] = {s: 60.0 * args.max_minutes * n / max(1, sum(todo.values())) for s, n in todo.items()}
     critic = handle = None
     try:
         # -- stage 1: probes ---------------------------------------------------------------------------------------
@@ -443,16 +461,22 @@ def run(args) -> int:
         return 0
 
     summary["wall_s_this_run"] = round(time.perf_counter() - t_start, 1)
+    summary["steps_done"] = {str(k): v for k, v in budget.get("steps_done", {}).items()}
+    summary["max_minutes"] = args.max_minutes
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if critic is not None and args.export:
-            export(critic, Path(args.export), args.register, command, args.description)
+            export(critic, Path(args.export), args.register, command, args.description, summary)
     acc.wait_for_everyone()
     return 0
 
 
-def export(critic, folder: Path, register: str | None, command: str, description: str | None) -> None:
-    """Write ``critic.safetensors`` + ``config.json`` to ``folder`` and, with ``register``, its manifest entry."""
+def export(critic, folder: Path, register: str | None, command: str, description: str | None,
+           record: dict | None = None) -> None:
+    """Write the critic's Hub-ready folder (``save_pretrained``: ``critic.safetensors``, ``config.json``,
+    ``README.md``) plus ``training.json`` (the run's record) to ``folder`` and, with ``register``, its manifest
+    entry (status unpublished, ``repo_id`` ``editsteer/<id>``, ``produced_by`` = the command, the record in
+    ``extra.training``)."""
     from ..weights import entry_from_folder, write_entry
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -460,17 +484,18 @@ def export(critic, folder: Path, register: str | None, command: str, description
         if f.is_file():
             f.unlink()
     critic.eval()
-    critic._save_pretrained(folder)
+    critic.save_pretrained(folder)
+    if record is not None:
+        (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"exported the critic to {folder}", file=sys.stderr)
     if register:
         c = critic.config
         art = entry_from_folder(
             folder, id=register, kind="folder", base_model="flux-kontext", license="apache-2.0",
             status="unpublished", repo_id=f"editsteer/{register}", bundled_path=register, produced_by=command,
-            include=("critic.safetensors", "config.json"),
             description=description or (f"Inline Critic for the toy Kontext editor (stage {c.stage}, n_c="
                                         f"{c.n_tokens}, l_in={c.l_in}, l_c={list(c.l_c)}, adapter rank "
                                         f"{c.adapter_rank})"),
-            extra={"critic": {k: v for k, v in c.metadata().items() if k not in ("config", "format")}})
+            extra={"critic": {k: v for k, v in c.metadata().items() if k not in ("config", "format")},
+                   **({"training": record} if record is not None else {})})
         print(f"registered weights_manifest/{write_entry(art).name}", file=sys.stderr)
-
