@@ -15,6 +15,7 @@ Example::
 
     editsteer train critic --out runs/critic --steps1 200 --steps2 300 --steps3 600
     editsteer train critic --out runs/critic --resume                   # after an interruption
+    editsteer train critic --out runs/critic --max-minutes 30           # time box (per-stage shares)
     accelerate launch -m diffusers_ext train critic --out runs/critic   # several processes / GPUs
 """
 
@@ -75,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time box of this invocation: each stage gets a share of M minutes proportional to its "
                         "step count and ends early (checkpoint, validation and log record included) when its share "
                         "is spent; the log records the steps actually done")
-    p.add_argument("--export", default=None, help="also write the final critic folder here (critic.safetensors + "
-                                                  "config.json), e.g. diffusers_ext/assets/toy-critic")
+    p.add_argument("--export", default=None, help="also write the final critic's Hub-ready folder here (critic.safetensors, "
+                                                  "config.json, README.md, training.json), e.g. "
+                                                  "diffusers_ext/assets/toy-critic")
     p.add_argument("--register", default=None, metavar="ID",
                    help="with --export: write weights_manifest/ID.json for the exported folder")
     p.add_argument("--description", default=None, help="manifest description (with --register)")
