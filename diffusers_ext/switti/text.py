@@ -66,10 +66,15 @@ def _pooled(text_encoder, out, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos.to(hidden.device)]
 
 
-@torch.no_grad()
 def encode_prompts(prompts: str | list[str], tokenizer, text_encoder, tokenizer_2, text_encoder_2,
-                   device: torch.device | str | None = None) -> PromptEncoding:
-    """Encode prompts with both CLIP text encoders (see the module docstring)."""
+                   device: torch.device | str | None = None, grad: bool = False) -> PromptEncoding:
+    """Encode prompts with both CLIP text encoders (see the module docstring); ``grad`` keeps the autograd graph
+    (joint training of toy encoders)."""
+    with torch.set_grad_enabled(grad):
+        return _encode(prompts, tokenizer, text_encoder, tokenizer_2, text_encoder_2, device)
+
+
+def _encode(prompts, tokenizer, text_encoder, tokenizer_2, text_encoder_2, device) -> PromptEncoding:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     notes = truncation_notes(tokenizer, prompts)
     for n in notes:

@@ -28,6 +28,7 @@ class TinySwittiConfig:
     vae_ch_mult: tuple[int, ...] = (1, 1, 2)  # downsample 2 ** (len - 1)
     vae_res_blocks: int = 1
     vae_attn: bool = True
+    vae_norm_groups: int = 32
     depth: int = 2
     embed_dim: int = 32
     num_heads: int = 2
@@ -39,16 +40,17 @@ class TinySwittiConfig:
 
 
 #: The toy world's model size (32 px, 8 x 8 tokens, scales 1-2-3-4-6-8); see diffusers_ext.mln.train_toy.
-TOY_SWITTI_CONFIG = TinySwittiConfig(patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=256, z_channels=16, vae_ch=32,
-                                     vae_ch_mult=(1, 1, 2), vae_res_blocks=1, depth=4, embed_dim=128, num_heads=4,
-                                     text_dim=32, text_dim_2=64, text_layers=2, max_length=48)
+TOY_SWITTI_CONFIG = TinySwittiConfig(patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=256, z_channels=16, vae_ch=16,
+                                     vae_ch_mult=(1, 2, 4), vae_res_blocks=1, vae_norm_groups=8, depth=4,
+                                     embed_dim=128, num_heads=4, text_dim=32, text_dim_2=64, text_layers=2,
+                                     max_length=48)
 
 
 def tiny_vqvae(cfg: TinySwittiConfig = TinySwittiConfig(), seed: int = 0) -> SwittiVQVAE:
     torch.manual_seed(seed)
     return SwittiVQVAE(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.vae_ch,
                        ch_mult=cfg.vae_ch_mult, num_res_blocks=cfg.vae_res_blocks, using_sa=cfg.vae_attn,
-                       using_mid_sa=cfg.vae_attn, v_patch_nums=cfg.patch_nums).eval()
+                       using_mid_sa=cfg.vae_attn, norm_num_groups=cfg.vae_norm_groups, v_patch_nums=cfg.patch_nums).eval()
 
 
 def tiny_transformer(cfg: TinySwittiConfig = TinySwittiConfig(), seed: int = 0) -> SwittiTransformer:
