@@ -106,6 +106,8 @@ class MLNPipeline(SwittiPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        source_encoding=None,
+        target_encoding=None,
         **overrides,
     ) -> MLNPipelineOutput | tuple:
         r"""Edit ``image`` so that it matches ``target_prompt`` instead of ``source_prompt``.
@@ -124,6 +126,7 @@ class MLNPipeline(SwittiPipeline):
             seed: the sampler seed (reseeded at every scale).
             global_edit: mask everywhere and no refinement (style edits).
             callback_on_step_end: ``fn(pipe, scale_index, None, {"f_hat": f_hat})`` after every scale.
+            source_encoding, target_encoding: pre-computed prompt encodings (skip the text encoders).
 
         Returns:
             :class:`MLNPipelineOutput` with ``images``, ``masks`` and ``info``.
@@ -159,7 +162,8 @@ class MLNPipeline(SwittiPipeline):
         x = x.to(device=device, dtype=self.vqvae.dtype)
 
         # 2. prompts: rows [target; source]
-        tgt, src = self.encode_prompt([target_prompt], device), self.encode_prompt([source_prompt], device)
+        tgt = target_encoding if target_encoding is not None else self.encode_prompt([target_prompt], device)
+        src = source_encoding if source_encoding is not None else self.encode_prompt([source_prompt], device)
         for which, enc in (("target", tgt), ("source", src)):
             info["warnings"] += [f"{which} {n}" for n in enc.truncated]
         backbone = SwittiBackbone(self.transformer, self.vqvae, self.prepare_conditioning([tgt, src]), batch=1)

@@ -6,6 +6,9 @@ shapes on a plain background) and their captions (:meth:`diffusers_ext.toy.world
 
 1. ``--stage vqvae``: the multi-scale residual VQ-VAE (scales 1-2-3-4-6-8 on an 8 x 8 grid) with an L2 + L1
    reconstruction loss and the official commitment/codebook loss; unused codes are re-seeded from encoder features.
+   ``--stage decoder`` then fine-tunes only ``post_quant_conv`` + ``decoder`` on the frozen tokeniser's features
+   (quantised ``f_hat`` and, a quarter of the time, the continuous ``f`` that MLN's refinement moves toward): the
+   tokens do not change, so a transformer trained on them stays valid.
 2. ``--stage switti``: the scale-wise transformer, teacher-forced on the frozen VQ-VAE's tokens (cross-entropy over
    every scale), jointly with the two tiny CLIP text encoders (a toy choice: the real Switti keeps CLIP frozen);
    captions are dropped to the empty prompt 10% of the time, for classifier-free guidance.
@@ -35,16 +38,19 @@ ARTIFACT_ID = "toy-switti"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=("vqvae", "switti", "all"), default="all", help="what to train")
+    p.add_argument("--stage", choices=("vqvae", "decoder", "switti", "all"), default="all",
+                   help="what to train (all = vqvae, decoder, switti)")
     p.add_argument("--out", default="runs/mln-toy", help="run folder (checkpoints, logs, final models)")
     p.add_argument("--vqvae-steps", type=int, default=6000)
     p.add_argument("--switti-steps", type=int, default=20000)
-    p.add_argument("--vqvae-batch", type=int, default=32)
-    p.add_argument("--switti-batch", type=int, default=32)
+    p.add_argument("--decoder-steps", type=int, default=1500)
+    p.add_argument("--vqvae-batch", type=int, default=16)
+    p.add_argument("--switti-batch", type=int, default=16)
     p.add_argument("--vqvae-lr", type=float, default=2e-3)
     p.add_argument("--switti-lr", type=float, default=1e-3)
     p.add_argument("--time-limit-min", type=float, default=30.0, help="wall-clock limit per stage")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared CPU, 2 OpenMP threads ran these small kernels >10x slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true", help="continue a stage from its last checkpoint")
@@ -190,6 +196,60 @@ def train_vqvae(args, out: Path) -> Path:
     return final
 
 
+def train_decoder(args, out: Path) -> Path:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ..switti import SwittiVQVAE
+    from ..toy import world as W
+
+    vq = SwittiVQVAE.from_pretrained(out / "vqvae")
+    vq.requires_grad_(False).eval()
+    params = [*vq.post_quant_conv.parameters(), *vq.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    vq.decoder.train()
+    opt = torch.optim.AdamW(params, lr=args.vqvae_lr * 0.5, betas=(0.9, 0.99), weight_decay=0.0)
+    ck = out / "decoder-ckpt"
+    step, spent = 0, 0.0
+    if args.resume and (ck / "state.json").exists():
+        meta = _load_ckpt(ck, {"vqvae": vq}, opt)
+        step, spent = meta["step"], meta["wall_s"]
+    log = _Log(out / "decoder_log.jsonl")
+    rng = np.random.default_rng(args.seed * 31337 + step)
+    t0 = time.perf_counter() - spent
+    base = args.vqvae_lr * 0.5
+    while step < args.decoder_steps and (time.perf_counter() - t0) < args.time_limit_min * 60:
+        imgs, _ = scene_batch(rng, args.vqvae_batch)
+        x = W.to_tensor(imgs)
+        with torch.no_grad():
+            f = vq.img_to_f(x)
+            z = f if rng.random() < 0.25 else vq.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)[-1]
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.decoder_steps, base, time.perf_counter() - t0, args.time_limit_min * 60)
+        rec = vq.decoder(vq.post_quant_conv(z))
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            psnr = -10 * math.log10(F.mse_loss(rec.detach().clamp(-1, 1).add(1).div(2), x.add(1).div(2)).item())
+            log(stage="decoder", step=step, lr=opt.param_groups[0]["lr"], loss=loss.item(), psnr=psnr,
+                wall_s=time.perf_counter() - t0)
+        if step % args.checkpoint_every == 0:
+            _save_ckpt(ck, {"vqvae": vq}, opt, step, {"wall_s": time.perf_counter() - t0})
+    wall = time.perf_counter() - t0
+    _save_ckpt(ck, {"vqvae": vq}, opt, step, {"wall_s": wall})
+    vq.requires_grad_(False).eval().save_pretrained(out / "vqvae")
+    if (out / "pipeline" / "vqvae").is_dir():  # a transformer already trained on these (unchanged) tokens
+        vq.save_pretrained(out / "pipeline" / "vqvae")
+    _record_time(out, "decoder", step, wall, args)
+    return out / "vqvae"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # stage 2: transformer + text encoders
 
@@ -309,6 +369,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("vqvae", "all"):
         print(f"[mln-toy] stage vqvae -> {train_vqvae(args, out)}", file=sys.stderr)
+    if args.stage in ("decoder", "all"):
+        print(f"[mln-toy] stage decoder -> {train_decoder(args, out)}", file=sys.stderr)
     if args.stage in ("switti", "all"):
         if not (out / "vqvae" / "config.json").exists():
             from ..errors import EditSteerConfigError

@@ -62,7 +62,7 @@ class SwittiPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vqvae"
-    _optional_components: list[str] = []
+    _optional_components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, transformer: SwittiTransformer, vqvae: SwittiVQVAE, text_encoder, tokenizer, text_encoder_2,
                  tokenizer_2):
@@ -160,6 +160,8 @@ class SwittiPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        prompt_encoding: PromptEncoding | None = None,
+        negative_prompt_encoding: PromptEncoding | None = None,
     ) -> SwittiPipelineOutput | tuple:
         r"""Generate images from prompts.
 
@@ -175,6 +177,8 @@ class SwittiPipeline(DiffusionPipeline):
             seed / generator: randomness (``generator`` wins); ``reseed_every_scale`` re-seeds it with the same seed
                 at every scale (what MLN does).
             callback_on_step_end: ``fn(pipe, scale_index, None, {"f_hat": f_hat}) -> dict`` after every scale.
+            prompt_encoding, negative_prompt_encoding: pre-computed :class:`PromptEncoding` (skips the text
+                encoders, which may then be None).
 
         Examples::
 
@@ -192,7 +196,10 @@ class SwittiPipeline(DiffusionPipeline):
         self._interrupt = False
 
         # 1. prompts: rows [positive x B; negative x B]
-        cond = self.prepare_conditioning([self.encode_prompt(prompts, device), self.encode_prompt(negs, device)])
+        pos = prompt_encoding if prompt_encoding is not None else self.encode_prompt(prompts, device)
+        neg = negative_prompt_encoding if negative_prompt_encoding is not None else self.encode_prompt(negs, device)
+        B = pos.embeds.shape[0]
+        cond = self.prepare_conditioning([pos, neg])
         backbone = SwittiBackbone(self.transformer, self.vqvae, cond, batch=B)
 
         # 2. randomness

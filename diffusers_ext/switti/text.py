@@ -44,7 +44,7 @@ def truncation_notes(tokenizer, prompts: list[str]) -> list[str]:
     notes = []
     limit = tokenizer.model_max_length
     for p in prompts:
-        ids = tokenizer(p, truncation=False, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(p, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
         if len(ids) > limit:
             kept = tokenizer.decode(ids[1: limit - 1])
             dropped = tokenizer.decode(ids[limit - 1: -1])

@@ -35,15 +35,15 @@ class TinySwittiConfig:
     text_dim: int = 16  # CLIP-L stand-in hidden size
     text_dim_2: int = 32  # bigG stand-in hidden size (= pooled size)
     text_layers: int = 1
-    max_length: int = 48
+    max_length: int = 77
     words: tuple[str, ...] = ()
 
 
 #: The toy world's model size (32 px, 8 x 8 tokens, scales 1-2-3-4-6-8); see diffusers_ext.mln.train_toy.
 TOY_SWITTI_CONFIG = TinySwittiConfig(patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=256, z_channels=16, vae_ch=16,
                                      vae_ch_mult=(1, 2, 4), vae_res_blocks=1, vae_norm_groups=8, depth=4,
-                                     embed_dim=128, num_heads=4, text_dim=32, text_dim_2=64, text_layers=2,
-                                     max_length=48)
+                                     embed_dim=96, num_heads=3, text_dim=32, text_dim_2=64, text_layers=2,
+                                     max_length=77)
 
 
 def tiny_vqvae(cfg: TinySwittiConfig = TinySwittiConfig(), seed: int = 0) -> SwittiVQVAE:
