@@ -107,6 +107,9 @@ def test_bad_inputs_fail_clearly_and_leave_the_model_as_it_was(pipe):
     with pytest.raises(RuntimeError):
         bb.cross_attention_maps(3, torch.zeros(1, 5, 4, 4), groups=2, blocks=range(0, 2))
     assert pipe.transformer.cross_attn_processors == procs
+    from diffusers_ext.mln import MLNBackbone, VARBackbone
+
+    assert isinstance(bb, VARBackbone) and isinstance(bb, MLNBackbone)  # Switti implements the sampler's protocols
     assert same_state(pipe.transformer, snap_t) and same_state(pipe.vqvae, snap_v)
 
 
@@ -128,3 +131,10 @@ def test_custom_pipeline_shim_offline(pipe, tmp_path):
     a = loaded(random_image(), PS, PT, config=tiny_mln_config(), seed=1, output_type="pt").images
     b = pipe(random_image(), PS, PT, config=tiny_mln_config(), seed=1, output_type="pt").images
     assert torch.equal(a, b)
+
+
+def test_runs_in_bfloat16():
+    bf = tiny_mln_pipeline().to(torch.bfloat16)
+    out = bf(random_image(), PS, PT, config=tiny_mln_config(), output_type="np")
+    assert bf.transformer.dtype == torch.bfloat16 and np.isfinite(out.images).all()
+    assert out.images.shape == (1, 16, 16, 3) and out.info["mask_source"] == "auto"

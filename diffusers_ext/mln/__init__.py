@@ -18,7 +18,7 @@ _EXPORTS = {
     "MLNConfig": ".config", "PRESETS": ".config", "SMOOTH_512": ".config", "interpolate_schedule": ".config",
     "MLNPipeline": ".pipeline", "MLNPipelineOutput": ".pipeline",
     "mln_edit": ".core", "MLNResult": ".core", "build_sampler": ".core", "compute_edit_mask": ".core",
-    "MaskedLogitSampler": ".sampler", "ScaleState": ".sampler", "VARBackbone": ".sampler",
+    "MaskedLogitSampler": ".sampler", "ScaleState": ".sampler", "VARBackbone": ".sampler", "MLNBackbone": ".sampler",
     "SourceNudge": ".sampler", "ClassifierFreeGuidance": ".sampler", "Temperature": ".sampler",
     "SwittiTokenSampling": ".sampler", "nudge_logits": ".nudge", "tv_weight": ".nudge",
     "refine_outside_mask": ".refine", "shim_path": ".shim",

@@ -7,7 +7,11 @@ settings (the baseline MLN must beat on background fidelity). Ablations are flag
 * ``--no-mask``: an empty mask (out-of-mask nudging and refinement everywhere; only the TV weight frees tokens);
 * ``--no-nudge``: beta = alpha = 0 (copied coarse scales, CFG with the source prompt as negative, refinement);
 * ``--no-refine``: no quantisation refinement;
-* ``--global-edit``: mask everywhere, no refinement (MLN's style-edit mode).
+* ``--global-edit``: mask everywhere, no refinement (MLN's style-edit mode);
+* ``--gt-mask``: the case's exact edit mask as the user mask (separates mask quality from generation quality, as
+  the "GT mask" rows of the published tables do);
+* ``--fast``: EditSteer's speed variant (:meth:`MLNConfig.fast`: mask from the second-to-last scale, no TV weight on
+  the last scale), not an ablation but its quality check.
 
 Example::
 
@@ -66,6 +70,8 @@ class MLNMethod(BenchMethod):
         parser.add_argument("--no-nudge", action="store_true", help="ablation: beta = alpha = 0")
         parser.add_argument("--no-refine", action="store_true", help="ablation: no quantisation refinement")
         parser.add_argument("--global-edit", action="store_true", help="mask everywhere, no refinement")
+        parser.add_argument("--gt-mask", action="store_true", help="oracle: the exact edit mask as the user mask")
+        parser.add_argument("--fast", action="store_true", help="speed variant: earlier mask scale, no last-scale TV")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
     def __init__(self, args):
@@ -83,10 +89,14 @@ class MLNMethod(BenchMethod):
             cfg = cfg.replace(refine_steps=0)
         if args.global_edit:
             cfg = cfg.replace(global_edit=True)
+        if args.fast:
+            cfg = cfg.fast()
         self.no_mask = bool(args.no_mask)
+        self.gt_mask = bool(args.gt_mask)
         self.config = cfg
         self.variant = "+".join(f for f, on in (("no-mask", args.no_mask), ("no-nudge", args.no_nudge),
-                                                 ("no-refine", args.no_refine), ("global-edit", args.global_edit))
+                                                 ("no-refine", args.no_refine), ("global-edit", args.global_edit),
+                                                 ("gt-mask", args.gt_mask), ("fast", args.fast))
                                 if on) or "full"
 
     def settings(self) -> dict:
@@ -97,6 +107,8 @@ class MLNMethod(BenchMethod):
 
         G = self.pipe.patch_nums[-1]
         mask = np.zeros((G, G), np.float32) if self.no_mask else None
+        if self.gt_mask:
+            mask = case.mask.astype(np.float32)
         out = self.pipe(W.to_pil(case.source), case.source_caption, case.target_caption, mask=mask,
                         config=self.config, seed=seed, output_type="np")
         img = (out.images[0] * 255).round().astype(np.uint8)

@@ -44,7 +44,8 @@ class MLNConfig:
         copy_scales: s; scales ``k < s`` take the source tokens verbatim.
         alphas: in-mask nudge strength per scale (K values).
         beta: out-of-mask nudge strength.
-        gamma: exponent of the TV-adaptive weight; ``tv_adaptive=False`` uses weight 1 everywhere.
+        gamma: exponent of the TV-adaptive weight; ``tv_adaptive=False`` uses weight 1 everywhere; ``tv_stop``:
+            the weight applies on scales ``k < tv_stop`` only (None = every scale, official).
         cfg: guidance ``t = cfg * k / (K - 1)`` on scales ``cfg_start <= k < cfg_stop``, source prompt as negative.
         smooth_start: first scale sampled with soft Gumbel (while guidance is on); else top-k / top-p.
         last_temp, top_k, top_p: temperature and filtering on unguided scales (the last one by default).
@@ -64,6 +65,7 @@ class MLNConfig:
     beta: float = 12.0
     gamma: float = 1.5
     tv_adaptive: bool = True
+    tv_stop: int | None = None
     cfg: float = 8.0
     cfg_start: int = 0
     cfg_stop: int | None = None
@@ -117,6 +119,8 @@ class MLNConfig:
             bad("last_temp must be > 0, top_k >= 0, top_p in [0, 1]")
         if self.mask_neighbours < 0:
             bad("mask_neighbours must be >= 0")
+        if self.tv_stop is not None and not 0 <= self.tv_stop <= K:
+            bad(f"tv_stop must be in [0, {K}], got {self.tv_stop}")
 
     # -- presets -----------------------------------------------------------------------------------------------
 
@@ -143,6 +147,13 @@ class MLNConfig:
         prompt as the negative (the parity configuration)."""
         return dataclasses.replace(self, beta=0.0, alphas=(0.0,) * self.num_scales, copy_scales=0, refine_steps=0,
                                    name=f"{self.name}-neutral")
+
+    def fast(self) -> "MLNConfig":
+        """EditSteer's speed variant (not the official method): the mask from the second-to-last scale (0.56x the
+        tokens at 512 px) and no TV weight on the last scale, whose source row is then not computed. At 512 px the
+        transformer does 4361 instead of 6396 token-rows per edit (plain generation: 3456)."""
+        K = self.num_scales
+        return dataclasses.replace(self, mask_scale=K - 2, tv_stop=K - 1, name=f"{self.name}-fast")
 
     def replace(self, **kw) -> "MLNConfig":
         return dataclasses.replace(self, **kw)

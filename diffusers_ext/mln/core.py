@@ -49,7 +49,7 @@ class MLNResult:
 def build_sampler(config: MLNConfig) -> MaskedLogitSampler:
     """MLN's processors: masked TV-adaptive nudge, CFG with the source prompt as negative, last-scale temperature."""
     return MaskedLogitSampler(
-        processors=[SourceNudge(config.beta, config.alphas, config.gamma, config.tv_adaptive),
+        processors=[SourceNudge(config.beta, config.alphas, config.gamma, config.tv_adaptive, config.tv_stop),
                     ClassifierFreeGuidance(config.cfg, config.cfg_start, config.cfg_stop),
                     Temperature(config.last_temp, start=config.cfg_stop)],
         token_sampling=SwittiTokenSampling(config.smooth_start, config.cfg_stop, config.top_k, config.top_p,
@@ -69,8 +69,7 @@ def compute_edit_mask(backbone, source_tokens: list[torch.Tensor], config: MLNCo
         logger.warning("MLN: the source and target prompts tokenise identically; the automatic mask is empty")
         info["mask_source"] = "empty (identical prompts)"
         return torch.zeros(1, 1, G, G, device=source_tokens[0].device), info
-    depth = len(backbone.transformer.blocks)
-    blocks = config.blocks_for_depth(depth)
+    blocks = config.blocks_for_depth(backbone.num_blocks)
     prefix = backbone.prefix_fhat(source_tokens, m)
     maps = backbone.cross_attention_maps(m, prefix, groups=2, blocks=blocks)  # (2, l, T): [target; source]
     d = attention_difference(maps[1], maps[0], pairs)

@@ -58,6 +58,27 @@ class VARBackbone(Protocol):
     def accumulate(self, k: int, f_hat: torch.Tensor, h_BChw: torch.Tensor) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class MLNBackbone(VARBackbone, Protocol):
+    """What MLN needs on top of sampling: the source's tokens, cross-attention maps for the mask, decoding."""
+
+    num_blocks: int
+    nfe: int
+
+    @property
+    def codebook(self) -> torch.Tensor: ...
+
+    def tokenize(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-scale source tokens (B, pn*pn) and the continuous features f (B, C, G, G)."""
+
+    def prefix_fhat(self, tokens: list[torch.Tensor], upto: int) -> torch.Tensor: ...
+
+    def cross_attention_maps(self, k: int, f_hat: torch.Tensor, groups: int, blocks: range) -> torch.Tensor:
+        """(groups * B, pn*pn, T) text-attention probabilities at scale k, averaged over heads and ``blocks``."""
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class ScaleState:
     """Per-scale data handed to the processors."""
@@ -87,19 +108,25 @@ class SourceNudge:
     """Masked nudge toward the source tokens: strength ``beta`` outside the mask, ``alphas[k]`` inside, times the
     TV-adaptive weight (``tv_adaptive``), applied as one bounded gradient-ascent step (:mod:`.nudge`)."""
 
-    def __init__(self, beta: float, alphas: Sequence[float], gamma: float = 1.5, tv_adaptive: bool = True):
+    def __init__(self, beta: float, alphas: Sequence[float], gamma: float = 1.5, tv_adaptive: bool = True,
+                 tv_stop: int | None = None):
         self.beta, self.alphas, self.gamma, self.tv_adaptive = float(beta), tuple(alphas), gamma, tv_adaptive
+        self.tv_stop = len(self.alphas) if tv_stop is None else tv_stop
 
     def active(self, k: int) -> bool:
         return self.beta != 0 or self.alphas[k] != 0
 
+    def weighted(self, k: int) -> bool:
+        """Whether the TV-adaptive weight (which needs the source row's logits) applies at scale ``k``."""
+        return self.tv_adaptive and k < self.tv_stop
+
     def needs_negative(self, k: int) -> bool:
-        return self.tv_adaptive and self.active(k)
+        return self.weighted(k) and self.active(k)
 
     def strength(self, k: int, state: ScaleState, like: torch.Tensor) -> torch.Tensor:
         m = state.mask if state.mask is not None else torch.zeros(like.shape[:2], device=like.device)
         s = self.beta * (1 - m) + self.alphas[k] * m
-        if self.tv_adaptive:
+        if self.weighted(k):
             s = s * tv_weight(like, state.negative_logits, self.gamma)
         return s
 

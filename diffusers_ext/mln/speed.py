@@ -35,8 +35,9 @@ def token_rows_mln(pns, cfg) -> int:
     m = cfg.mask_scale if cfg.mask_scale is not None else K - 1
     mask = 0 if cfg.global_edit else 2 * pns[m] ** 2
     loop = 0
+    tv_stop = K if cfg.tv_stop is None else cfg.tv_stop
     for k in range(cfg.copy_scales, K):
-        nudge = cfg.tv_adaptive and (cfg.beta or cfg.alphas[k])
+        nudge = cfg.tv_adaptive and k < tv_stop and (cfg.beta or cfg.alphas[k])
         loop += (2 if (cfg.cfg_start <= k < cfg.cfg_stop or nudge) else 1) * pns[k] ** 2
     return mask + loop
 
@@ -50,8 +51,9 @@ def _time(fn, repeats: int) -> tuple[float, list[float], object]:
     return statistics.median(ts), ts, out
 
 
-def bench_pipeline(pipe, cases: list[tuple], cfg, repeats: int, encodings=None) -> dict:
-    """Median wall time of plain generation and of MLN over ``cases`` = [(image, source, target), ...]."""
+def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodings=None) -> dict:
+    """Median wall times over ``cases`` = [(image, source, target), ...]: plain generation with the first config's
+    sampling settings, and MLN with each config."""
     from ..switti.pipeline import SwittiPipeline
     from .pipeline import MLNPipeline
 
@@ -59,29 +61,35 @@ def bench_pipeline(pipe, cases: list[tuple], cfg, repeats: int, encodings=None) 
     mln = MLNPipeline(**pipe.components)
     for p in (plain, mln):
         p.set_progress_bar_config(disable=True)
-    kw = dict(guidance_scale=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, smooth_start_si=cfg.smooth_start,
-              turn_off_cfg_start_si=cfg.cfg_stop, last_scale_temp=cfg.last_temp, reseed_every_scale=True,
+    c0 = configs[0]
+    kw = dict(guidance_scale=c0.cfg, top_k=c0.top_k, top_p=c0.top_p, smooth_start_si=c0.smooth_start,
+              turn_off_cfg_start_si=c0.cfg_stop, last_scale_temp=c0.last_temp, reseed_every_scale=True,
               output_type="pt")
-    plain_t, mln_t, parts = [], [], []
+    pns = pipe.patch_nums
+    plain_t = []
+    mln_t: dict[str, list] = {c.name: [] for c in configs}
+    parts: dict[str, list] = {c.name: [] for c in configs}
     for i, (img, src, tgt) in enumerate(cases):
         enc = encodings(i) if encodings else {}
         p_kw = {"prompt_encoding": enc["target"], "negative_prompt_encoding": enc["source"]} if enc else {}
         m_kw = {"target_encoding": enc["target"], "source_encoding": enc["source"]} if enc else {}
-        t_plain, _, _ = _time(lambda: plain(tgt, negative_prompt=src, seed=i, **kw, **p_kw), repeats)
-        t_mln, _, out = _time(lambda: mln(img, src, tgt, config=cfg, seed=i, output_type="pt", **m_kw), repeats)
-        plain_t.append(t_plain)
-        mln_t.append(t_mln)
-        parts.append({k: out.info[k] for k in ("mask_s", "sample_s", "total_s")})
-    pns = pipe.patch_nums
-    med_p, med_m = statistics.median(plain_t), statistics.median(mln_t)
-    return {
-        "plain_s": med_p, "mln_s": med_m, "ratio": med_m / med_p,
-        "plain_s_all": plain_t, "mln_s_all": mln_t,
-        "mln_parts_median_s": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
-        "token_rows_plain": token_rows_plain(pns, cfg.cfg_stop), "token_rows_mln": token_rows_mln(pns, cfg),
-        "token_row_ratio": token_rows_mln(pns, cfg) / token_rows_plain(pns, cfg.cfg_stop),
-        "cases": len(cases), "repeats": repeats, "patch_nums": list(pns), "preset": cfg.name,
-    }
+        plain_t.append(_time(lambda: plain(tgt, negative_prompt=src, seed=i, **kw, **p_kw), repeats)[0])
+        for c in configs:
+            t, _, out = _time(lambda: mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw), repeats)
+            mln_t[c.name].append(t)
+            parts[c.name].append({k: out.info[k] for k in ("mask_s", "sample_s", "total_s")})
+    med_p = statistics.median(plain_t)
+    rows_p = token_rows_plain(pns, c0.cfg_stop)
+    res = {"plain_s": med_p, "plain_s_all": plain_t, "token_rows_plain": rows_p, "cases": len(cases),
+           "repeats": repeats, "patch_nums": list(pns), "mln": {}}
+    for c in configs:
+        med_m = statistics.median(mln_t[c.name])
+        res["mln"][c.name] = {
+            "mln_s": med_m, "ratio": med_m / med_p, "mln_s_all": mln_t[c.name],
+            "parts_median_s": {k: statistics.median(p[k] for p in parts[c.name]) for k in parts[c.name][0]},
+            "token_rows": token_rows_mln(pns, c), "token_row_ratio": token_rows_mln(pns, c) / rows_p,
+        }
+    return res
 
 
 def toy(args) -> dict:
@@ -93,8 +101,8 @@ def toy(args) -> dict:
     pipe, where = load_pipeline(args.model, MLNPipeline)
     cfg = MLNConfig.for_num_scales(len(pipe.patch_nums))
     cases = [W.make_case("heldout", 0, i) for i in range(args.toy_cases)]
-    res = bench_pipeline(pipe, [(W.to_pil(c.source), c.source_caption, c.target_caption) for c in cases], cfg,
-                         args.repeats)
+    res = bench_pipeline(pipe, [(W.to_pil(c.source), c.source_caption, c.target_caption) for c in cases],
+                         [cfg, cfg.fast()], args.repeats)
     res["model"] = where
     return res
 
@@ -130,12 +138,18 @@ def full_size(args) -> dict:
     tgt.input_ids[0, 4] = 999  # one changed word
     img = torch.rand(3, 512, 512, generator=g)
     cfg = MLNConfig.preset("512")
-    res = bench_pipeline(pipe, [(img, "source", "target")], cfg, args.repeats,
+    res = bench_pipeline(pipe, [(img, "source", "target")], [cfg, cfg.fast()], args.repeats,
                          encodings=lambda i: {"source": src, "target": tgt})
     res.update(build_s=build_s, params_transformer=sum(p.numel() for p in transformer.parameters()),
                params_vqvae=sum(p.numel() for p in vqvae.parameters()), dtype="float32",
                device=str(transformer.device), text_encoders="left out (random encodings; equal cost in both)")
     return res
+
+
+def _say(name: str, r: dict) -> None:
+    parts = ", ".join(f"MLN[{k}] {v['mln_s']:.3f}s ({v['ratio']:.2f}x, token-rows {v['token_row_ratio']:.2f}x)"
+                      for k, v in r["mln"].items())
+    print(f"{name}: plain {r['plain_s']:.3f}s; {parts}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -159,15 +173,12 @@ def main(argv=None) -> int:
                     "device": "cuda" if torch.cuda.is_available() else "cpu"})
     if not args.full_size_only:
         results["toy"] = toy(args)
-        print(f"toy: plain {results['toy']['plain_s']:.3f}s, MLN {results['toy']['mln_s']:.3f}s, "
-              f"ratio {results['toy']['ratio']:.2f}", file=sys.stderr)
+        _say("toy", results["toy"])
         f.write_text(json.dumps(results, indent=1) + "\n")
     if args.full_size or args.full_size_only:
         args.repeats = args.full_size_repeats
         results["full_size_512"] = full_size(args)
-        r = results["full_size_512"]
-        print(f"full size 512: plain {r['plain_s']:.1f}s, MLN {r['mln_s']:.1f}s, ratio {r['ratio']:.2f}",
-              file=sys.stderr)
+        _say("full size 512", results["full_size_512"])
     f.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

@@ -34,6 +34,7 @@ class SwittiBackbone:
         self.patch_nums: tuple[int, ...] = tuple(transformer.patch_nums)
         self.num_scales = len(self.patch_nums)
         self.grid = self.patch_nums[-1]
+        self.num_blocks = len(transformer.blocks)
         self.nfe = 0  # transformer row-passes, counted per scale (a CFG pair counts 2)
 
     def conditioning(self, groups: int) -> SwittiConditioning:
