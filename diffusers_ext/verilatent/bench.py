@@ -99,6 +99,8 @@ def _add_verifier_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mu", type=float, default=d.mu, help="edit-magnitude log term weight (mu)")
     p.add_argument("--region", choices=("consensus", "global"), default=d.region,
                    help="expected region: the candidates' consensus, or everywhere")
+    p.add_argument("--consensus", choices=("contrast", "mean"), default=d.consensus,
+                   help="consensus region: votes weighted by map contrast, or equal votes")
     p.add_argument("--no-leave-one-out", action="store_true", help="a candidate votes on its own region")
     p.add_argument("--global-coverage", type=float, default=d.global_coverage,
                    help="treat the edit as global when the consensus covers more than this (<=0: never)")
@@ -107,7 +109,8 @@ def _add_verifier_args(p: argparse.ArgumentParser) -> None:
 
 def _verifier_overrides(args) -> dict:
     gc = args.global_coverage
-    return {"lam": args.lam, "mu": args.mu, "region": args.region, "leave_one_out": not args.no_leave_one_out,
+    return {"lam": args.lam, "mu": args.mu, "region": args.region, "consensus": args.consensus,
+            "leave_one_out": not args.no_leave_one_out,
             "global_coverage": gc if gc is not None and gc > 0 else None, "normalise": args.normalise}
 
 

@@ -24,6 +24,7 @@ from ..errors import EditSteerConfigError
 ACTIVATIONS = ("latent", "attention", "mix")
 NORMALISATIONS = ("max", "softmax")
 REGIONS = ("consensus", "global")
+CONSENSUS = ("contrast", "mean")
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class VeriLatentConfig:
         ``normalise``: ``"max"`` (A / max_p A) or ``"softmax"`` (softmax(A / temperature) * L, mean 1).
 
     Expected region R
-        ``region``: ``"consensus"`` (mean of the candidates' normalised maps; with ``leave_one_out`` a candidate
-        does not vote on its own region) or ``"global"`` (R = 1: score the edit magnitude only). A user mask, when
+        ``region``: ``"consensus"`` (the candidates' normalised maps averaged; ``consensus="contrast"`` weighs each
+        by 1 - its mean, so maps that are high everywhere, i.e. leaks and no-edit noise, vote little, ``"mean"``
+        weighs them equally; with ``leave_one_out`` a candidate does not vote on its own region) or ``"global"``
+        (R = 1: score the edit magnitude only). A user mask, when
         given to the search, replaces both. ``global_coverage``: a consensus whose mean exceeds it is treated as a
         global edit (R = 1); ``None`` disables the switch.
 
@@ -73,6 +76,7 @@ class VeriLatentConfig:
     temperature: float = 0.1
 
     region: str = "consensus"
+    consensus: str = "contrast"
     leave_one_out: bool = True
     global_coverage: float | None = 0.6
 
@@ -107,6 +111,8 @@ class VeriLatentConfig:
             raise bad(f"normalise must be one of {NORMALISATIONS}, got {self.normalise!r}")
         if self.region not in REGIONS:
             raise bad(f"region must be one of {REGIONS}, got {self.region!r}")
+        if self.consensus not in CONSENSUS:
+            raise bad(f"consensus must be one of {CONSENSUS}, got {self.consensus!r}")
         if self.attention_layers is not None:
             layers = tuple(self.attention_layers)
             if not layers or not all(is_int(i) and i >= 0 for i in layers):

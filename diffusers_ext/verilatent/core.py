@@ -171,15 +171,30 @@ def expected_region(ahat: torch.Tensor, cfg: VeriLatentConfig, mask: torch.Tenso
     if mask is not None:
         m = mask.to(ahat).reshape(1, length).expand(n, length)
         return Region(m.clone(), "mask", float(mask.float().mean()))
-    full = ahat.mean(0)
+    w = consensus_weights(ahat, cfg.consensus)
+    full = (w[:, None] * ahat).sum(0) / w.sum().clamp_min(1e-12)
     coverage = float(full.mean())
     if cfg.region == "global" or (cfg.global_coverage is not None and coverage >= cfg.global_coverage) or n < 2:
         return Region(torch.ones_like(ahat), "global", coverage)
     if cfg.leave_one_out:
-        r = (ahat.sum(0, keepdim=True) - ahat) / (n - 1)
+        wsum = (w.sum() - w).clamp_min(1e-12)
+        r = ((w[:, None] * ahat).sum(0, keepdim=True) - w[:, None] * ahat) / wsum[:, None]
     else:
         r = full.unsqueeze(0).expand(n, length).clone()
     return Region(r, "consensus", coverage)
+
+
+def consensus_weights(ahat: torch.Tensor, mode: str = "contrast") -> torch.Tensor:
+    """Each candidate's vote on the expected region. ``"mean"``: equal votes. ``"contrast"``: 1 - mean_p Â_j, so a
+    map that is high everywhere (a leak, or the noise of a candidate that made no edit, normalised by its max) votes
+    little and a localised edit votes fully; when every candidate edits everywhere (a global edit) the votes are
+    equal again. Never all zero."""
+    if mode == "mean":
+        return torch.ones(ahat.shape[0], dtype=ahat.dtype)
+    if mode != "contrast":
+        raise EditSteerConfigError(f"unknown consensus weighting {mode!r}; use 'contrast' or 'mean'")
+    w = (1.0 - ahat.mean(-1)).clamp_min(0.0)
+    return w if float(w.sum()) > 1e-6 else torch.ones_like(w)
 
 
 def score(a: torch.Tensor, ahat: torch.Tensor, region: torch.Tensor, cfg: VeriLatentConfig) -> dict[str, torch.Tensor]:
