@@ -61,6 +61,25 @@ def test_kontext_continued_candidates_equal_straight_runs_and_are_never_decoded_
         assert np.abs(img - straight).max() <= 1e-5
 
 
+def test_kontext_encodes_prompt_and_image_once_per_search_with_true_cfg(kontext):
+    """Later calls reuse the prompt embeddings and the source latents the first call computed (and stay exact)."""
+    kw = kontext_kwargs(kontext, true_cfg_scale=2.0, negative_prompt="")
+    calls = {"t5": 0, "encode": 0}
+    h = kontext.text_encoder_2.register_forward_pre_hook(lambda m, a: calls.__setitem__("t5", calls["t5"] + 1))
+    orig = kontext.vae.encode
+    kontext.vae.encode = lambda *a, **k: (calls.__setitem__("encode", calls["encode"] + 1), orig(*a, **k))[1]
+    try:
+        out = VeriLatentSearch(kontext, VeriLatentConfig.adaptive(k=2, **HARD))(**kw, seed=5)
+    finally:
+        h.remove()
+        del kontext.vae.encode
+    assert calls == {"t5": 2, "encode": 1}  # prompt + negative prompt once, the image once; 3 pipeline calls
+    r = out.report
+    assert r.passes_per_step == 2 and r.nfe == r.nfe_measured == (8 * 2 + 4) * 2
+    straight = kontext(**kw, generator=_gen(r.chosen_seeds[0])).images[0]
+    assert np.abs(out.images[0] - straight).max() <= 1e-5
+
+
 def test_qwen_true_cfg_continued_candidate_equals_straight_run_and_nfe_counts_two_passes(qwen):
     kw = qwen_kwargs(steps=5, true_cfg=4.0)
     plain = qwen(**kw, generator=_gen(11)).images

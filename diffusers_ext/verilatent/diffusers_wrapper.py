@@ -111,6 +111,7 @@ class _Tap:
         self.calls = 0
         self.nfe = 0
         self.first_kwargs: dict | None = None
+        self.text_kwargs: list[dict] = []
         self.step_calls = 0
         self.listeners: list = []
         state.handles.append(transformer.register_forward_pre_hook(self._pre, with_kwargs=True))
@@ -125,6 +126,8 @@ class _Tap:
         self.nfe += int(hs.shape[0])
         if self.first_kwargs is None:
             self.first_kwargs = {"img_ids": kwargs.get("img_ids"), "img_shapes": kwargs.get("img_shapes")}
+        if len(self.text_kwargs) < 2 and self.calls <= 2:  # the first step's passes: conditional, then negative
+            self.text_kwargs.append({k: kwargs.get(k) for k in ("encoder_hidden_states", "pooled_projections")})
         for fn in self.listeners:
             fn(self.step_calls)
         return None
@@ -196,7 +199,7 @@ class PipelineSampler:
     """:class:`~.search.CandidateSampler` over one diffusers edit call (see the module docstring)."""
 
     def __init__(self, pipe, call_kwargs: dict, state: _PipelineState, *, generator=None,
-                 attention=None):
+                 attention=None, reuse_encodings: bool = True):
         self.pipe = pipe
         self.kwargs = dict(call_kwargs)
         self.user_generator = generator
@@ -222,6 +225,8 @@ class PipelineSampler:
         self.schedule: torch.Tensor | None = None
         self.base_seed: int | None = None
         self.interrupted = False
+        self.reuse = reuse_encodings
+        self.reused = False
 
     @property
     def nfe_measured(self) -> int:
@@ -236,6 +241,38 @@ class PipelineSampler:
     def _aspect(self) -> float:
         h, w = self.kwargs.get("height"), self.kwargs.get("width")
         return (w / h) if h and w else 1.0
+
+    def _reuse_encodings(self, n_target: int) -> None:
+        """After the first rollout of a Kontext-family pipeline, pass the prompt embeddings and the source image
+        latents it computed to every later call (``prompt_embeds=``, ``pooled_prompt_embeds=``, negatives, and
+        ``image=`` as latents, ecosystem.md §1.8), so that the text encoders and the VAE encoder run once per edit.
+        The values are the ones the pipeline computed itself, so later calls see bit-identical inputs."""
+        from diffusers import FluxKontextPipeline
+
+        if self.reused or not isinstance(self.pipe, FluxKontextPipeline):
+            return
+        self.reused = True
+        tk, x_in = self.tap.text_kwargs, self.tap.x_in
+        if not tk or tk[0]["encoder_hidden_states"] is None or tk[0]["pooled_projections"] is None:
+            return
+        kw = self.kwargs
+        new = {"prompt_embeds": tk[0]["encoder_hidden_states"][:1], "pooled_prompt_embeds": tk[0]["pooled_projections"][:1]}
+        if self.passes_per_step == 2:
+            if len(tk) < 2 or tk[1]["encoder_hidden_states"] is None:
+                return
+            new.update(negative_prompt_embeds=tk[1]["encoder_hidden_states"][:1],
+                       negative_pooled_prompt_embeds=tk[1]["pooled_projections"][:1])
+        _, src = _grids(self.tap.first_kwargs, n_target, x_in.shape[1], self._aspect())
+        c = getattr(self.pipe, "latent_channels", None)
+        image = kw.get("image")
+        if src is not None and c and not (isinstance(image, torch.Tensor) and image.shape[1] == c):
+            tokens = x_in[:1, n_target:n_target + src[0] * src[1]]
+            if tokens.shape[-1] == 4 * c and x_in.shape[1] == n_target + src[0] * src[1]:
+                kw["image"] = tokens.reshape(1, src[0], src[1], c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+                    1, c, 2 * src[0], 2 * src[1])
+        for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+            kw.pop(name, None)
+        kw.update(new)
 
     def _attention_map(self, n_target: int) -> torch.Tensor | None:
         if self.attention is None:
@@ -286,6 +323,8 @@ class PipelineSampler:
             raise EditSteerError(f"{type(pipe).__name__} stopped before step {k}: no candidate state to judge")
         t0 = time.perf_counter()
         att = self._attention_map(cap["x0"].shape[1])
+        if self.reuse:
+            self._reuse_encodings(cap["x0"].shape[1])
         self.overhead_s += time.perf_counter() - t0
         return Rollout(cap["latents"], cap["x0"], cap["source"], att, cap["grid"])
 
