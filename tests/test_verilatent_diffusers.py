@@ -289,3 +289,44 @@ def test_user_callback_sees_global_step_indices_and_an_interrupt_ends_the_search
     out = run_verilatent(kontext, VeriLatentConfig.fixed(2, k=2), seed=0, callback_on_step_end=stop, **kw)
     assert out.images is None and out.report.interrupted
     assert kontext.__dict__.get("_interrupt", False) is False
+
+
+# ---- pipeline subclasses (the Inline Critic's shape: own processors inside, extra call arguments) -----------------
+
+class _ScaledProcessor:
+    """A non-default processor that changes the model's output (a stand-in for a steering processor)."""
+
+    def __init__(self, inner, scale):
+        self.inner, self.scale = inner, scale
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        out = self.inner(attn, hidden_states, *args, **kwargs)
+        return tuple(o * self.scale for o in out) if isinstance(out, tuple) else out * self.scale
+
+
+def test_search_drives_a_pipeline_subclass_with_its_own_processors_and_call_arguments(kontext):
+    from diffusers import FluxKontextPipeline
+
+    class SteeredKontext(FluxKontextPipeline):
+        @torch.no_grad()
+        def __call__(self, *args, steer: float = 1.0, **kwargs):
+            for a in double_stream_attentions(self.transformer):
+                a.processor.scale = steer
+            return super().__call__(*args, **kwargs)
+
+    pipe = SteeredKontext(**kontext.components)
+    pipe.set_progress_bar_config(disable=True)
+    originals = {name: p for name, p in pipe.transformer.attn_processors.items()}
+    for a in double_stream_attentions(pipe.transformer):
+        a.set_processor(_ScaledProcessor(a.processor, 1.0))
+    try:
+        kw = kontext_kwargs(pipe, steer=0.7)
+        plain = pipe(**kw, generator=_gen(2)).images
+        assert not np.allclose(plain, pipe(**kontext_kwargs(pipe, steer=1.0), generator=_gen(2)).images)
+        assert np.array_equal(VeriLatentSearch(pipe)(**kw, generator=_gen(2)).images, plain)
+        out = VeriLatentSearch(pipe, VeriLatentConfig.adaptive(k=2, activation="mix", **HARD))(**kw, seed=2)
+        straight = pipe(**kw, generator=_gen(out.report.chosen_seeds[0])).images[0]
+        assert np.abs(out.images[0] - straight).max() <= 1e-5
+        assert all(isinstance(a.processor, _ScaledProcessor) for a in double_stream_attentions(pipe.transformer))
+    finally:
+        pipe.transformer.set_attn_processor(originals)

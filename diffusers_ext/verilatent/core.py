@@ -40,7 +40,8 @@ def predicted_clean(x_prev: torch.Tensor, x_next: torch.Tensor, sigma_prev: floa
     ds = float(sigma_next) - float(sigma_prev)
     if ds == 0.0:
         raise EditSteerConfigError("predicted_clean: the two sigmas are equal; the step did not move")
-    xp, xn = x_prev.double(), x_next.double()
+    wide = torch.float32 if x_next.device.type == "mps" else torch.float64  # MPS has no float64
+    xp, xn = x_prev.to(wide), x_next.to(wide)
     v = (xn - xp) / ds
     return (xn - float(sigma_next) * v).to(x_next.dtype)
 
