@@ -237,3 +237,24 @@ def test_pixel_verifier_shapes_and_pooling():
     assert core.pixel_activation(imgs, src, 4).shape == (3, 64)
     with pytest.raises(EditSteerConfigError):
         core.pixel_activation(imgs, src, 5)
+
+
+def test_ksampler_function_prunes_the_batch_like_the_search_loop():
+    """The k-diffusion-style function (what ComfyUI's KSAMPLER wraps) keeps the candidate run_search chooses, and
+    its survivor equals a straight run of that candidate's noise."""
+    from diffusers_ext.verilatent.search import ksampler_function
+
+    T, k = 8, 2
+    sigmas = torch.linspace(1, 0, T + 1)
+    m = _ToyFlow({1, 2}, 3.0)
+    cfg = VeriLatentConfig.fixed(4, k=k)
+    ref = run_search(FlowEulerSampler(m.denoise, sigmas, m.noise, m.source, grid=(8, 8)), cfg, seed=0)
+    got = {}
+    fn = ksampler_function(cfg, m.source, to_tokens=lambda t: t, grid=(8, 8), on_report=lambda r: got.setdefault("r", r))
+    x = torch.cat([m.noise(s) for s in range(4)])
+    out = fn(lambda x, s: m.denoise(x, float(s[0])), x, sigmas)
+    assert got["r"].finalists == ref.report.finalists and out.shape == (1, L, C)
+    assert torch.allclose(out, ref.output, atol=1e-6)
+    assert got["r"].nfe == ref.report.nfe == 4 * k + (T - k)
+    with pytest.raises(EditSteerConfigError, match="batch"):
+        fn(lambda x, s: m.denoise(x, float(s[0])), x[:3], sigmas)

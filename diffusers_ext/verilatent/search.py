@@ -376,3 +376,59 @@ class FlowEulerSampler:
 def spatial_tokens(x: torch.Tensor) -> torch.Tensor:
     """[n, C, H, W] latents (ComfyUI's LATENT layout) -> [n, H*W, C] tokens (one token per latent pixel)."""
     return x.flatten(2).transpose(1, 2)
+
+
+def ksampler_function(config: VeriLatentConfig, source: torch.Tensor, *, to_tokens=spatial_tokens,
+                      mask=None, grid: tuple[int, int] | None = None, on_report=None):
+    """A k-diffusion-style sampler function that searches *within the batch it is given* (fixed budget).
+
+    Returns ``sample(model, x, sigmas, extra_args=None, callback=None, disable=None)`` in the form ComfyUI's
+    ``comfy.samplers.KSAMPLER(sample)`` wraps: ``x`` holds the N candidates (already noise-scaled), ``model(x,
+    sigma * s_in, **extra_args)`` returns x̂0. It runs Euler steps 0..k-1 on all N, judges them with :mod:`.core`
+    against ``source`` (``[L, C]`` tokens, or the source LATENT ``[1, C, H, W]`` turned into tokens by ``to_tokens``),
+    keeps the ``top_m`` best (batch shrinks N -> m) and finishes them. Extra rounds need fresh noise, so the adaptive
+    budget lives in :func:`run_search` (the GUIDER shape); here ``config.n0`` must equal the batch. ``on_report``
+    receives the :class:`SearchReport`.
+    """
+    src_tokens = to_tokens(source)[0] if source.dim() > 2 else source
+
+    @torch.no_grad()
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        T = len(sigmas) - 1
+        config.check_steps(T)
+        if config.budget > 1 and x.shape[0] != config.n0:
+            raise EditSteerConfigError(f"the latent batch holds {x.shape[0]} candidates but config.n0 = {config.n0}")
+        report = SearchReport(config=config.to_dict(), num_steps=T, passes_per_step=1,
+                              seeds=list(range(x.shape[0])), round_sizes=[x.shape[0]])
+        t_verify = 0.0
+        k = config.k if config.budget > 1 else T
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(T):
+            if i == k:
+                t0 = time.perf_counter()
+                tokens = to_tokens(denoised)
+                g = grid or core.factor_grid(tokens.shape[1])
+                tok_mask = None if mask is None else core.mask_to_tokens(mask, g)
+                j = core.judge(tokens, src_tokens.to(tokens), config, tok_mask)
+                _fill_judgement(report, j, g)
+                report.round_one = report.difficulty = j.difficulty.to_json()
+                report.bucket = core.bucket(j.easy, j.easy)
+                report.finalists = core.BudgetPolicy(config).finalists(j)
+                report.order = list(range(len(report.finalists)))
+                x = x[torch.tensor(report.finalists, device=x.device)]
+                s_in = x.new_ones([x.shape[0]])
+                t_verify += time.perf_counter() - t0
+            denoised = model(x, sigmas[i] * s_in, **extra_args)
+            if callback is not None:
+                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        if not report.finalists:
+            report.finalists, report.order = list(range(x.shape[0])), list(range(x.shape[0]))
+        report.nfe = config.nfe(T, report.candidates) if config.budget > 1 else T * report.candidates
+        report.verify_s = t_verify
+        if on_report is not None:
+            on_report(report)
+        return x
+
+    return sample
