@@ -250,7 +250,8 @@ def test_ksampler_function_prunes_the_batch_like_the_search_loop():
     cfg = VeriLatentConfig.fixed(4, k=k)
     ref = run_search(FlowEulerSampler(m.denoise, sigmas, m.noise, m.source, grid=(8, 8)), cfg, seed=0)
     got = {}
-    fn = ksampler_function(cfg, m.source, to_tokens=lambda t: t, grid=(8, 8), on_report=lambda r: got.setdefault("r", r))
+    fn = ksampler_function(cfg, m.source, to_tokens=lambda t: t, grid=(8, 8),
+                           on_report=lambda r: got.setdefault("r", r))
     x = torch.cat([m.noise(s) for s in range(4)])
     out = fn(lambda x, s: m.denoise(x, float(s[0])), x, sigmas)
     assert got["r"].finalists == ref.report.finalists and out.shape == (1, L, C)

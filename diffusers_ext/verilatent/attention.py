@@ -119,7 +119,8 @@ def _rope(q_txt, k_txt, k_img, rope):
         from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
         img_f, txt_f = a, b
-        return (apply_rotary_emb_qwen(q_txt, txt_f, use_real=False), apply_rotary_emb_qwen(k_txt, txt_f, use_real=False),
+        return (apply_rotary_emb_qwen(q_txt, txt_f, use_real=False),
+                apply_rotary_emb_qwen(k_txt, txt_f, use_real=False),
                 apply_rotary_emb_qwen(k_img, img_f, use_real=False))
     from diffusers.models.embeddings import apply_rotary_emb  # Flux: (cos, sin) over [text; image]
 

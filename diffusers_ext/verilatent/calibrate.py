@@ -181,9 +181,9 @@ def sweep(args) -> int:
                     continue
                 cfg = VeriLatentConfig.adaptive(n_max=n_max, tau_easy=tau, **over)
                 res = [replay_search(c, cfg, T) for c in cases]
+                ok = [float(c["success"][j]) for c, (j, _, _) in zip(cases, res)]
                 frontier.append({**over, "n_max": n_max, "tau_easy": tau, "hard_share": float(1 - q),
-                                 "success": float(np.mean([float(c["success"][j]) for c, (j, _, _) in zip(cases, res)])),
-                                 "nfe": float(np.mean([nfe for _, nfe, _ in res]))})
+                                 "success": float(np.mean(ok)), "nfe": float(np.mean([nfe for _, nfe, _ in res]))})
     out["adaptive"] = frontier
     lines.append("adaptive frontier (success, mean NFE) of the top settings:")
     for f in sorted(frontier, key=lambda f: (-f["success"], f["nfe"]))[: args.top]:

@@ -256,7 +256,8 @@ class PipelineSampler:
         if not tk or tk[0]["encoder_hidden_states"] is None or tk[0]["pooled_projections"] is None:
             return
         kw = self.kwargs
-        new = {"prompt_embeds": tk[0]["encoder_hidden_states"][:1], "pooled_prompt_embeds": tk[0]["pooled_projections"][:1]}
+        new = {"prompt_embeds": tk[0]["encoder_hidden_states"][:1],
+               "pooled_prompt_embeds": tk[0]["pooled_projections"][:1]}
         if self.passes_per_step == 2:
             if len(tk) < 2 or tk[1]["encoder_hidden_states"] is None:
                 return
@@ -386,9 +387,9 @@ class PipelineSampler:
 
         if self.attention is not None:
             self.attention.start(1, steps=k)
-        out = pipe(**self.kwargs, **self.schedule_kwargs, generator=self._generator(seed), callback_on_step_end=callback,
-                   callback_on_step_end_tensor_inputs=self.tensor_inputs, output_type=self.output_type,
-                   return_dict=True)
+        out = pipe(**self.kwargs, **self.schedule_kwargs, generator=self._generator(seed),
+                   callback_on_step_end=callback, callback_on_step_end_tensor_inputs=self.tensor_inputs,
+                   output_type=self.output_type, return_dict=True)
         ro = None
         if "x0" in cap:
             att = self._attention_map(cap["x0"].shape[1])

@@ -325,9 +325,10 @@ class FlowEulerSampler:
     ``x + (x - denoised) / sigma * (sigma_next - sigma)``.
     """
 
-    def __init__(self, denoise: Callable[[torch.Tensor, float], torch.Tensor], sigmas, noise: Callable[[int], torch.Tensor],
-                 source: torch.Tensor, *, to_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 passes_per_step: int = 1, grid: tuple[int, int] | None = None, callback=None):
+    def __init__(self, denoise: Callable[[torch.Tensor, float], torch.Tensor], sigmas,
+                 noise: Callable[[int], torch.Tensor], source: torch.Tensor, *,
+                 to_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None, passes_per_step: int = 1,
+                 grid: tuple[int, int] | None = None, callback=None):
         self.denoise = denoise
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
         if self.sigmas.numel() < 2 or float(self.sigmas[-1]) != 0.0:
