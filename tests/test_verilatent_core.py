@@ -39,6 +39,7 @@ def _candidates(n_good: int, n_bad: int, *, seed: int = 0, edit_rows=slice(0, 8)
     (dict(lam=-1.0), "lam"),
     (dict(eps=0.0), "eps"),
     (dict(tau_easy=float("nan")), "tau_easy"),
+    (dict(tau_agreement=float("inf")), "tau_agreement"),
     (dict(attention_weight=2.0), "attention_weight"),
     (dict(attention_layers=()), "attention_layers"),
     (dict(global_coverage=1.5), "global_coverage"),

@@ -202,7 +202,8 @@ class BestOfNMethod(_ToyMethod):
         if n > 1:
             imgs = torch.from_numpy(np.clip(out, 0, 1))
             src = torch.from_numpy(case.source.astype(np.float32) / 255.0)
-            j = core.judge_maps(core.pixel_activation(imgs, src, self.args.pool), self.config)
+            j = core.judge_maps(core.pixel_activation(imgs, src, self.args.pool), self.config,
+                                scale=core.source_scale(src.reshape(-1, 3)))
             best = j.ranking()[0]
             extras = {"scores": j.scores.tolist(), "region_kind": j.region.kind}
         verify = time.perf_counter() - tv

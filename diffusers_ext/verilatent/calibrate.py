@@ -121,72 +121,104 @@ def replay_bon(case: dict, n: int, cfg: VeriLatentConfig, pool: int = 2) -> int:
         return 0
     imgs = case["finals"][:n].float() / 255.0
     src = case["source_img"].float() / 255.0
-    return core.judge_maps(core.pixel_activation(imgs, src, pool), cfg).ranking()[0]
+    return core.judge_maps(core.pixel_activation(imgs, src, pool), cfg,
+                           scale=core.source_scale(src.reshape(-1, 3))).ranking()[0]
+
+
+def _judgements(cases: list[dict], cfg: VeriLatentConfig, sizes: tuple[int, ...]) -> list[dict[int, tuple]]:
+    """Per case, per candidate count n: (best, margin, agreement, chosen) of the verifier on the first n."""
+    out = []
+    for c in cases:
+        x0 = c["x0"][cfg.k - 1]
+        att = c["attention"][cfg.k - 1] if cfg.activation != "latent" else None
+        rec = {}
+        for n in sizes:
+            j = core.judge(x0[:n], c["source"], cfg, None, None if att is None else att[:n])
+            d = j.difficulty
+            rec[n] = (d.best, d.margin, d.agreement, j.ranking()[0])
+        out.append(rec)
+    return out
+
+
+def _adaptive(cases, recs, n0, step, n_max, tau_easy, tau_agree, steps, k):
+    ok, nfe, first_easy = [], [], []
+    for c, rec in zip(cases, recs):
+        n = n0
+        while True:
+            best, _, agree, chosen = rec[n]
+            easy = best >= tau_easy and agree >= tau_agree
+            if n == n0:
+                first_easy.append(easy)
+            if easy or n + step > n_max:
+                break
+            n += step
+        ok.append(float(c["success"][chosen]))
+        nfe.append(n * k + (steps - k))
+    return float(np.mean(ok)), float(np.mean(nfe)), float(np.mean(first_easy))
 
 
 def sweep(args) -> int:
     data = torch.load(args.pool, weights_only=True)
     cases, meta = data["cases"], data["meta"]
-    T = meta["steps"]
+    T, pool = meta["steps"], meta["pool"]
     succ = torch.stack([c["success"] for c in cases])  # [cases, P]
+    has_attention = any(float(c["attention"].abs().sum()) > 0 for c in cases)
     lines, out = [], {"meta": meta}
     single = float(succ[:, 0].mean())
-    lines.append(f"{len(cases)} {meta['split']} cases, pool {meta['pool']}, T={T}; single-sample success {single:.3f}")
+    lines.append(f"{len(cases)} {meta['split']} cases, pool {pool}, T={T}; single-sample success {single:.3f}")
     out["single"] = single
-    out["oracle"] = {n: float(succ[:, :n].max(1).values.mean()) for n in (2, 4, 8, 16) if n <= meta["pool"]}
+    out["oracle"] = {n: float(succ[:, :n].max(1).values.mean()) for n in (2, 4, 8, 16) if n <= pool}
     lines.append("oracle (any candidate succeeds): " + ", ".join(f"N={n}: {v:.3f}" for n, v in out["oracle"].items()))
-    base = VeriLatentConfig()
     out["bon"] = {}
     for n in (4, 8):
-        for pool in (1, 2, 4):
-            for lam, mu in ((0.75, 0.1), (1.0, 0.1), (1.0, 0.0)):
-                cfg = base.replace(lam=lam, mu=mu)
-                s = float(np.mean([float(c["success"][replay_bon(c, n, cfg, pool)]) for c in cases]))
-                out["bon"][f"n{n}_pool{pool}_lam{lam}_mu{mu}"] = s
+        for px in (1, 2, 4):
+            for lam, mu in ((0.75, 0.1), (1.0, 0.1), (1.0, 0.3), (1.0, 1.0)):
+                cfg = VeriLatentConfig(lam=lam, mu=mu)
+                out["bon"][f"n{n}_pool{px}_lam{lam}_mu{mu}"] = float(np.mean(
+                    [float(c["success"][replay_bon(c, n, cfg, px)]) for c in cases]))
         best = max((v, k) for k, v in out["bon"].items() if k.startswith(f"n{n}_"))
         lines.append(f"BoN-{n} pixel verifier: best {best[0]:.3f} ({best[1]})")
-    grid = {
-        "k": [1, 2, 3][: meta["kmax"]], "lam": [0.5, 0.75, 1.0], "mu": [0.0, 0.1, 0.3],
-        "normalise": [("max", 0.1), ("softmax", 0.2)], "leave_one_out": [True, False],
-        "global_coverage": [None, 0.6], "activation": ["latent", "attention", "mix"], "consensus": ["contrast", "mean"],
-    }
-    rows = []
-    for k, lam, mu, (nm, temp), loo, gc, act, cons in itertools.product(*grid.values()):
-        cfg = VeriLatentConfig.fixed(8, k=k, lam=lam, mu=mu, normalise=nm, temperature=temp, leave_one_out=loo,
-                                     global_coverage=gc, activation=act, consensus=cons)
-        acc4 = np.mean([float(c["success"][replay_search(c, cfg.replace(n0=4, n_max=None, top_m=1), T)[0]])
-                        for c in cases])
-        acc8 = np.mean([float(c["success"][replay_search(c, cfg, T)[0]]) for c in cases])
-        rows.append({"k": k, "lam": lam, "mu": mu, "normalise": nm, "temperature": temp, "leave_one_out": loo,
-                     "global_coverage": gc, "activation": act, "consensus": cons, "fixed4": float(acc4),
-                     "fixed8": float(acc8)})
-    rows.sort(key=lambda r: -(r["fixed8"] + r["fixed4"]))
-    out["fixed"] = rows
-    lines.append("best verifier settings (selection success at fixed N=4 / N=8):")
-    for r in rows[: args.top]:
-        lines.append("  " + json.dumps(r))
+    sizes = tuple(n for n in (4, 8, 12, 16) if n <= pool)
+    grid = {"k": list(range(1, meta["kmax"] + 1)), "lam": [0.5, 0.75, 1.0], "mu": [0.1, 0.3, 1.0],
+            "normalise": [("max", 0.1), ("softmax", 0.2)], "leave_one_out": [True, False],
+            "consensus": ["contrast", "mean"], "global_coverage": [0.6, None],
+            "activation": ["latent", "attention", "mix"] if has_attention else ["latent"]}
+    rows, all_recs = [], []
+    for k, lam, mu, (nm, temp), loo, cons, gc, act in itertools.product(*grid.values()):
+        over = dict(k=k, lam=lam, mu=mu, normalise=nm, temperature=temp, leave_one_out=loo, consensus=cons,
+                    global_coverage=gc, activation=act)
+        recs = _judgements(cases, VeriLatentConfig.fixed(4, **over), sizes)
+        row = dict(over)
+        for n in sizes:
+            row[f"fixed{n}"] = float(np.mean([float(c["success"][r[n][3]]) for c, r in zip(cases, recs)]))
+            row[f"fixed{n}_mse"] = float(np.mean([float(c["region_mse"][r[n][3]]) for c, r in zip(cases, recs)]))
+        rows.append(row)
+        all_recs.append(recs)
+    order = sorted(range(len(rows)), key=lambda i: (-(rows[i]["fixed4"] + rows[i].get("fixed8", 0)),
+                                                     rows[i]["fixed4_mse"]))
+    out["fixed"] = [rows[i] for i in order]
+    lines.append("best verifier settings (selection success at fixed N):")
+    for i in order[: args.top]:
+        lines.append("  " + json.dumps(rows[i]))
     frontier = []
-    for r in rows[: args.top]:
-        over = {k: r[k] for k in ("k", "lam", "mu", "normalise", "temperature", "leave_one_out", "global_coverage",
-                                  "activation", "consensus")}
-        scores = []
-        for c in cases:
-            j = core.judge(c["x0"][r["k"] - 1][:4], c["source"], VeriLatentConfig.fixed(4, **over), None,
-                           c["attention"][r["k"] - 1][:4] if r["activation"] != "latent" else None)
-            scores.append(j.difficulty.best)
+    for i in order[: args.top]:
+        recs, over = all_recs[i], {k: rows[i][k] for k in grid}
+        bests = [r[4][0] for r in recs]
+        agrees = [r[4][2] for r in recs]
         for q in np.linspace(0.0, 1.0, 11):
-            tau = float(np.quantile(scores, q)) if q < 1 else 1e9
-            for n_max in (8, 12, 16):
-                if n_max > meta["pool"]:
-                    continue
-                cfg = VeriLatentConfig.adaptive(n_max=n_max, tau_easy=tau, **over)
-                res = [replay_search(c, cfg, T) for c in cases]
-                ok = [float(c["success"][j]) for c, (j, _, _) in zip(cases, res)]
-                frontier.append({**over, "n_max": n_max, "tau_easy": tau, "hard_share": float(1 - q),
-                                 "success": float(np.mean(ok)), "nfe": float(np.mean([nfe for _, nfe, _ in res]))})
+            tau = float(np.quantile(bests, q)) if q < 1 else 1e9
+            for qa in (0.0, 0.25, 0.5):
+                ta = float(np.quantile(agrees, qa)) if qa > 0 else -1.0
+                for n_max in (8, 12, 16):
+                    if n_max not in sizes:
+                        continue
+                    s_, nfe, easy1 = _adaptive(cases, recs, 4, 4, n_max, tau, ta, T, over["k"])
+                    frontier.append({**over, "n_max": n_max, "tau_easy": tau, "tau_agreement": ta,
+                                     "success": s_, "nfe": nfe, "easy_round_one": easy1})
     out["adaptive"] = frontier
-    lines.append("adaptive frontier (success, mean NFE) of the top settings:")
-    for f in sorted(frontier, key=lambda f: (-f["success"], f["nfe"]))[: args.top]:
+    lines.append("adaptive: best success at mean NFE <= 40% of BoN-8 (" + f"{0.4 * 8 * T:.1f}):")
+    ok = sorted([f for f in frontier if f["nfe"] <= 0.4 * 8 * T], key=lambda f: (-f["success"], f["nfe"]))
+    for f in ok[: args.top]:
         lines.append("  " + json.dumps(f))
     path = Path(args.pool).with_name("sweep.json")
     path.write_text(json.dumps(out, indent=1) + "\n")

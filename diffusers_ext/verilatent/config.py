@@ -55,11 +55,13 @@ class VeriLatentConfig:
         global edit (R = 1); ``None`` disables the switch.
 
     Score (methods.md §3.4 step 5)
-        S_j = <Â_j, R>/|R|_1 - lam * <Â_j, 1 - R>/|1 - R|_1 + mu * log(eps + <A_j, R>/|R|_1).
+        S_j = <Â_j, R>/|R|_1 - lam * <Â_j, 1 - R>/|1 - R|_1 + mu * log(eps + <A_j, R>/|R|_1 / s), where s is the
+        source latent's mean token norm (so the score does not depend on the latent space's units).
 
     Difficulty and adaptive budget (step 6)
-        After every round the edit is "easy" when the best score reaches ``tau_easy`` and the best beats the median
-        candidate by ``tau_margin``; an easy edit (or a search at ``n_max``) stops and finishes its ``top_m`` best.
+        After every round the edit is "easy" when the best score reaches ``tau_easy``, the best beats the median
+        candidate by ``tau_margin`` and the candidates' maps agree with their consensus (mean cosine) at least
+        ``tau_agreement``; an easy edit (or a search at ``n_max``) stops and finishes its ``top_m`` best.
     """
 
     n0: int = 1
@@ -86,6 +88,7 @@ class VeriLatentConfig:
 
     tau_easy: float = 0.45
     tau_margin: float = 0.0
+    tau_agreement: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> EditSteerConfigError:
@@ -120,7 +123,8 @@ class VeriLatentConfig:
                           f"{self.attention_layers!r}")
             object.__setattr__(self, "attention_layers", layers)
         finite = {"attention_weight": self.attention_weight, "temperature": self.temperature, "lam": self.lam,
-                  "mu": self.mu, "eps": self.eps, "tau_easy": self.tau_easy, "tau_margin": self.tau_margin}
+                  "mu": self.mu, "eps": self.eps, "tau_easy": self.tau_easy, "tau_margin": self.tau_margin,
+                  "tau_agreement": self.tau_agreement}
         for name, v in finite.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise bad(f"{name} must be a finite number, got {v!r}")

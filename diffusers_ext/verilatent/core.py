@@ -198,8 +198,11 @@ def consensus_weights(ahat: torch.Tensor, mode: str = "contrast") -> torch.Tenso
     return w if float(w.sum()) > 1e-6 else torch.ones_like(w)
 
 
-def score(a: torch.Tensor, ahat: torch.Tensor, region: torch.Tensor, cfg: VeriLatentConfig) -> dict[str, torch.Tensor]:
-    """S_j = <Â_j,R_j>/|R_j|_1 - lam <Â_j,1-R_j>/|1-R_j|_1 + mu log(eps + <A_j,R_j>/|R_j|_1)  (methods.md §3.4.5).
+def score(a: torch.Tensor, ahat: torch.Tensor, region: torch.Tensor, cfg: VeriLatentConfig,
+          scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """S_j = <Â_j,R_j>/|R_j|_1 - lam <Â_j,1-R_j>/|1-R_j|_1 + mu log(eps + <A_j,R_j>/|R_j|_1 / scale)
+    (methods.md §3.4.5; ``scale``, the source's mean token norm, makes the magnitude term, and so the thresholds,
+    independent of the latent space's units).
 
     Returns the total ``score`` [N] and its parts ``inside``, ``leak``, ``magnitude``. A region covering every
     token has no outside: its leak term is 0.
@@ -209,7 +212,7 @@ def score(a: torch.Tensor, ahat: torch.Tensor, region: torch.Tensor, cfg: VeriLa
     r_out = (1.0 - r).sum(-1)
     inside = (ahat * r).sum(-1) / r_in
     leak = torch.where(r_out > 1e-6, (ahat * (1.0 - r)).sum(-1) / r_out.clamp_min(1e-8), torch.zeros_like(r_out))
-    magnitude = torch.log(cfg.eps + (a.float() * r).sum(-1) / r_in)
+    magnitude = torch.log(cfg.eps + (a.float() * r).sum(-1) / r_in / max(float(scale), 1e-12))
     total = inside - cfg.lam * leak + cfg.mu * magnitude
     return {"score": total, "inside": inside, "leak": leak, "magnitude": magnitude}
 
@@ -234,7 +237,7 @@ def difficulty(scores: torch.Tensor, ahat: torch.Tensor, cfg: VeriLatentConfig) 
     cons = ahat.mean(0, keepdim=True)
     cos = torch.nn.functional.cosine_similarity(ahat, cons.expand_as(ahat), dim=-1)
     agreement = float(cos.mean())
-    easy = best >= cfg.tau_easy and (s.numel() < 2 or margin >= cfg.tau_margin)
+    easy = best >= cfg.tau_easy and (s.numel() < 2 or (margin >= cfg.tau_margin and agreement >= cfg.tau_agreement))
     return Difficulty(best, margin, agreement, bool(easy))
 
 
@@ -264,20 +267,27 @@ class Judgement:
 
 
 def judge_maps(a: torch.Tensor, cfg: VeriLatentConfig, mask: torch.Tensor | None = None,
-               attention: torch.Tensor | None = None) -> Judgement:
-    """Judge candidates from their raw activation maps ``a`` [N, L] (and optional attention maps [N, L])."""
+               attention: torch.Tensor | None = None, scale: float = 1.0) -> Judgement:
+    """Judge candidates from their raw activation maps ``a`` [N, L] (and optional attention maps [N, L]);
+    ``scale`` is the unit of the magnitude term (see :func:`score`)."""
     a = a.detach().float().cpu()
     att = attention.detach().float().cpu() if attention is not None else None
     ahat = combine_maps(a, att, cfg)
     region = expected_region(ahat, cfg, mask)
-    parts = score(a, ahat, region.masks, cfg)
+    parts = score(a, ahat, region.masks, cfg, scale)
     return Judgement(a, ahat, region, parts, difficulty(parts["score"], ahat, cfg), att)
+
+
+def source_scale(source: torch.Tensor) -> float:
+    """The unit of the magnitude term: the source's mean token norm (1 for an all-zero source)."""
+    v = float(source.float().norm(dim=-1).mean())
+    return v if v > 1e-8 else 1.0
 
 
 def judge(x0: torch.Tensor, source: torch.Tensor, cfg: VeriLatentConfig, mask: torch.Tensor | None = None,
           attention: torch.Tensor | None = None) -> Judgement:
     """Judge N candidates from their early clean-latent predictions ``x0`` [N, L, C] against ``source`` [L, C]."""
-    return judge_maps(latent_activation(x0, source), cfg, mask, attention)
+    return judge_maps(latent_activation(x0, source), cfg, mask, attention, source_scale(source))
 
 
 def pixel_activation(images: torch.Tensor, source: torch.Tensor, pool: int = 1) -> torch.Tensor:

@@ -286,7 +286,7 @@ def run_search(sampler: CandidateSampler, config: VeriLatentConfig, seed: int, *
         region = judgement.region.mean.unsqueeze(0)
         a = core.latent_activation(finished.tokens.detach().float().cpu(), source)
         ahat = core.normalise_map(a, config.normalise, config.temperature)
-        fs = core.score(a, ahat, region.expand_as(a), config)["score"]
+        fs = core.score(a, ahat, region.expand_as(a), config, core.source_scale(source))["score"]
         report.final_scores = fs.tolist()
         report.order = sorted(range(len(fs)), key=lambda i: (-float(fs[i]), i))
     verify += time.perf_counter() - t0
