@@ -260,3 +260,11 @@ def test_ksampler_function_prunes_the_batch_like_the_search_loop():
     assert got["r"].nfe == ref.report.nfe == 4 * k + (T - k)
     with pytest.raises(EditSteerConfigError, match="batch"):
         fn(lambda x, s: m.denoise(x, float(s[0])), x[:3], sigmas)
+
+
+def test_medoid_ranking_puts_the_majority_first():
+    x = torch.zeros(5, 4, 4)
+    x[3] += 5.0  # an outlier
+    x[1] += 0.1
+    r = core.medoid_ranking(x)
+    assert r[-1] == 3 and r[0] in (0, 2, 4)

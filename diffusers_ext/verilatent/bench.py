@@ -166,8 +166,11 @@ class BestOfNMethod(_ToyMethod):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         _add_model_args(parser)
         parser.add_argument("--n", type=int, default=4, help="candidates (1 = the single-sample baseline)")
+        parser.add_argument("--verifier", choices=("score", "medoid"), default="score",
+                            help="score: VeriLatent's map/region score on |decoded - source|; medoid: the candidate "
+                                 "closest to all others (self-consistency)")
         parser.add_argument("--pool", type=int, default=2,
-                            help="the pixel verifier pools |decoded - source| over pool x pool pixels")
+                            help="the score verifier pools |decoded - source| over pool x pool pixels")
         _add_verifier_args(parser)
 
     def __init__(self, args: argparse.Namespace):
@@ -180,8 +183,10 @@ class BestOfNMethod(_ToyMethod):
         self.config = VeriLatentConfig(**_verifier_overrides(args))
 
     def settings(self) -> dict:
-        return {**self._common_settings(), "n": self.args.n, "pool": self.args.pool,
-                "verifier": "pixel: core.pixel_activation + core.judge_maps (consensus region, no ground truth)",
+        verifier = ("medoid of the decoded candidates (core.medoid_ranking)" if self.args.verifier == "medoid" else
+                    "pixel score: core.pixel_activation + core.judge_maps (consensus region)")
+        return {**self._common_settings(), "n": self.args.n, "pool": self.args.pool, "verifier_kind": self.args.verifier,
+                "verifier": verifier + "; sees the source and the candidates only, never the ground truth",
                 "verifier_config": self.config.to_dict(), "overhead": self._overhead()}
 
     def edit(self, case, seed: int) -> MethodResult:
@@ -201,11 +206,14 @@ class BestOfNMethod(_ToyMethod):
         best, extras = 0, {}
         if n > 1:
             imgs = torch.from_numpy(np.clip(out, 0, 1))
-            src = torch.from_numpy(case.source.astype(np.float32) / 255.0)
-            j = core.judge_maps(core.pixel_activation(imgs, src, self.args.pool), self.config,
-                                scale=core.source_scale(src.reshape(-1, 3)))
-            best = j.ranking()[0]
-            extras = {"scores": j.scores.tolist(), "region_kind": j.region.kind}
+            if self.args.verifier == "medoid":
+                best = core.medoid_ranking(imgs)[0]
+            else:
+                src = torch.from_numpy(case.source.astype(np.float32) / 255.0)
+                j = core.judge_maps(core.pixel_activation(imgs, src, self.args.pool), self.config,
+                                    scale=core.source_scale(src.reshape(-1, 3)))
+                best = j.ranking()[0]
+                extras = {"scores": j.scores.tolist(), "region_kind": j.region.kind}
         verify = time.perf_counter() - tv
         wall = time.perf_counter() - t0
         img = (np.clip(out[best], 0, 1) * 255).round().astype(np.uint8)

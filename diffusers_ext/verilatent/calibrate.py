@@ -116,9 +116,12 @@ def replay_search(case: dict, cfg: VeriLatentConfig, steps: int) -> tuple[int, i
     return j.ranking()[0], cfg.nfe(steps, n), core.bucket(first, j.easy)
 
 
-def replay_bon(case: dict, n: int, cfg: VeriLatentConfig, pool: int = 2) -> int:
+def replay_bon(case: dict, n: int, cfg: VeriLatentConfig | None, pool: int = 2) -> int:
+    """The candidate best-of-N picks among the first n decoded finals (``cfg=None``: the medoid verifier)."""
     if n == 1:
         return 0
+    if cfg is None:
+        return core.medoid_ranking(case["finals"][:n].float() / 255.0)[0]
     imgs = case["finals"][:n].float() / 255.0
     src = case["source_img"].float() / 255.0
     return core.judge_maps(core.pixel_activation(imgs, src, pool), cfg,
@@ -176,6 +179,7 @@ def sweep(args) -> int:
                 cfg = VeriLatentConfig(lam=lam, mu=mu)
                 out["bon"][f"n{n}_pool{px}_lam{lam}_mu{mu}"] = float(np.mean(
                     [float(c["success"][replay_bon(c, n, cfg, px)]) for c in cases]))
+        out["bon"][f"n{n}_medoid"] = float(np.mean([float(c["success"][replay_bon(c, n, None)]) for c in cases]))
         best = max((v, k) for k, v in out["bon"].items() if k.startswith(f"n{n}_"))
         lines.append(f"BoN-{n} pixel verifier: best {best[0]:.3f} ({best[1]})")
     sizes = tuple(n for n in (4, 8, 12, 16) if n <= pool)

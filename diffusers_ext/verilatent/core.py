@@ -305,6 +305,16 @@ def pixel_activation(images: torch.Tensor, source: torch.Tensor, pool: int = 1) 
     return d.reshape(d.shape[0], -1)
 
 
+def medoid_ranking(x: torch.Tensor) -> list[int]:
+    """Self-consistency: candidates ranked by their summed L2 distance to the other candidates (the medoid first;
+    unsquared, so one outlier does not pull the choice towards it). ``x`` [N, ...]; for decoded images this is the
+    majority-vote verifier of best-of-N."""
+    flat = x.detach().float().reshape(x.shape[0], -1)
+    d = torch.cdist(flat, flat).sum(1)
+    v = d.tolist()
+    return sorted(range(len(v)), key=lambda j: (v[j], j))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Budget policy
 # ---------------------------------------------------------------------------------------------------------------------
