@@ -27,7 +27,7 @@ def test_bench_bon_and_verilatent_write_comparable_runs_and_a_report(standin, tm
     common = ["--model", str(standin), "--cases", "2", "--quiet"]
     assert cli_main(["bench", "bon", "--n", "1", "--out", str(runs / "single"), *common]) == 0
     assert cli_main(["bench", "bon", "--n", "3", "--out", str(runs / "bon3"), *common]) == 0
-    assert cli_main(["bench", "verilatent", "--mode", "adaptive", "--k", "1", "--tau-easy", "1e9",
+    assert cli_main(["bench", "verilatent", "--mode", "adaptive", "--k", "1", "--n-max", "8", "--tau-easy", "1e9",
                      "--out", str(runs / "ad"), *common]) == 0
     single = json.loads((runs / "single" / "results.json").read_text())
     bon = json.loads((runs / "bon3" / "results.json").read_text())

@@ -54,7 +54,9 @@ def test_config_rejects_bad_values(bad, match):
 def test_config_defaults_budget_presets_and_round_trip():
     assert VeriLatentConfig().budget == 1 and not VeriLatentConfig().is_adaptive
     a = VeriLatentConfig.adaptive()
-    assert (a.n0, a.max_candidates, a.is_adaptive) == (4, 8, True)
+    assert (a.n0, a.max_candidates, a.is_adaptive) == (4, 12, True)
+    assert a.easy_threshold() == a.easy_threshold("mix") != a.easy_threshold("latent")
+    assert a.replace(tau_easy=0.3).easy_threshold("latent") == 0.3
     f = VeriLatentConfig.fixed(8, k=3)
     assert (f.n0, f.max_candidates, f.is_adaptive, f.k) == (8, 8, False, 3)
     assert VeriLatentConfig.from_dict(a.to_dict()) == a
@@ -92,7 +94,9 @@ def test_score_prefers_the_edit_in_the_consensus_region_and_penalises_no_edit_an
     x0, source = _candidates(3, 1)
     leak = source + 2.0  # a candidate that changes everything
     x0 = torch.cat([x0, leak.unsqueeze(0)])
-    j = core.judge(x0, source, VeriLatentConfig.adaptive())
+    assert core.judge(x0, source, VeriLatentConfig.adaptive()).ranking()[-1] == 3  # defaults: no-edit loses
+    # with a small magnitude weight the leak penalty decides between the leaking and the precise candidates
+    j = core.judge(x0, source, VeriLatentConfig.adaptive(lam=1.0, mu=0.1))
     s = j.scores
     assert j.region.kind == "consensus"
     assert s[:3].min() > s[3] and s[:3].min() > s[4]  # no-edit and leaking candidates lose
@@ -158,7 +162,7 @@ def test_factor_grid():
 # ---- difficulty and the adaptive budget ---------------------------------------------------------------------------
 
 def test_adaptive_rounds_for_a_hard_edit_and_not_for_an_easy_one():
-    cfg = VeriLatentConfig.adaptive(tau_easy=0.45)
+    cfg = VeriLatentConfig.adaptive(n_max=8, tau_easy=0.45, mu=0.1)
     easy_x0, src = _candidates(3, 1, strength=3.0)  # most candidates agree on a clear local edit
     hard_x0, src_h = _candidates(0, 4, noise=0.5)  # nobody edits: diffuse, weak maps
     easy, hard = core.judge(easy_x0, src, cfg), core.judge(hard_x0, src_h, cfg)
@@ -199,7 +203,7 @@ class _ToyFlow:
 def test_search_loop_spends_more_rounds_on_hard_edits_and_counts_nfe():
     T, k = 8, 2
     sigmas = torch.linspace(1, 0, T + 1)
-    cfg = VeriLatentConfig.adaptive(k=k, tau_easy=0.45)
+    cfg = VeriLatentConfig.adaptive(k=k, n_max=8, tau_easy=0.45, mu=0.1)
 
     def run(good):
         m = _ToyFlow(good, 3.0)

@@ -48,7 +48,7 @@ def test_budget_one_is_the_plain_kontext_pipeline_bit_for_bit(kontext):
 
 def test_kontext_continued_candidates_equal_straight_runs_and_are_never_decoded_early(kontext):
     kw = kontext_kwargs(kontext)
-    cfg = VeriLatentConfig.adaptive(k=2, top_m=2, **HARD)
+    cfg = VeriLatentConfig.adaptive(k=2, n_max=8, top_m=2, **HARD)
     with DecodeCounter(kontext) as dec:
         out = VeriLatentSearch(kontext, cfg)(**kw, seed=3)
     r = out.report
@@ -69,7 +69,7 @@ def test_kontext_encodes_prompt_and_image_once_per_search_with_true_cfg(kontext)
     orig = kontext.vae.encode
     kontext.vae.encode = lambda *a, **k: (calls.__setitem__("encode", calls["encode"] + 1), orig(*a, **k))[1]
     try:
-        out = VeriLatentSearch(kontext, VeriLatentConfig.adaptive(k=2, **HARD))(**kw, seed=5)
+        out = VeriLatentSearch(kontext, VeriLatentConfig.adaptive(k=2, n_max=8, **HARD))(**kw, seed=5)
     finally:
         h.remove()
         del kontext.vae.encode
@@ -140,7 +140,7 @@ def _kontext_flow_sampler(pipe, kw):
 
 def test_sampler_level_search_on_a_plain_euler_loop_equals_the_diffusers_wrapper(kontext):
     kw = kontext_kwargs(kontext, output_type="latent")
-    cfg = VeriLatentConfig.adaptive(k=2, **HARD)
+    cfg = VeriLatentConfig.adaptive(k=2, n_max=8, activation="latent", **HARD)  # a plain loop has no attention
     wrapped = VeriLatentSearch(kontext, cfg)(**kw, seed=20)
     loop = run_search(_kontext_flow_sampler(kontext, kw), cfg, seed=20)
     assert loop.report.chosen_seeds == wrapped.report.chosen_seeds
@@ -324,7 +324,7 @@ def test_search_drives_a_pipeline_subclass_with_its_own_processors_and_call_argu
         plain = pipe(**kw, generator=_gen(2)).images
         assert not np.allclose(plain, pipe(**kontext_kwargs(pipe, steer=1.0), generator=_gen(2)).images)
         assert np.array_equal(VeriLatentSearch(pipe)(**kw, generator=_gen(2)).images, plain)
-        out = VeriLatentSearch(pipe, VeriLatentConfig.adaptive(k=2, activation="mix", **HARD))(**kw, seed=2)
+        out = VeriLatentSearch(pipe, VeriLatentConfig.adaptive(k=2, n_max=8, **HARD))(**kw, seed=2)
         straight = pipe(**kw, generator=_gen(out.report.chosen_seeds[0])).images[0]
         assert np.abs(out.images[0] - straight).max() <= 1e-5
         assert all(isinstance(a.processor, _ScaledProcessor) for a in double_stream_attentions(pipe.transformer))

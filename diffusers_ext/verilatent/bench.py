@@ -245,8 +245,9 @@ class VeriLatentMethod(_ToyMethod):
         parser.add_argument("--top-m", type=int, default=d.top_m, help="finalists continued to the last step")
         parser.add_argument("--activation", choices=("latent", "attention", "mix"), default=d.activation)
         parser.add_argument("--attention-weight", type=float, default=d.attention_weight)
-        parser.add_argument("--tau-easy", type=float, default=d.tau_easy,
-                            help="adaptive: an edit whose best score reaches this is easy (stop)")
+        parser.add_argument("--tau-easy", type=float, default=None,
+                            help="adaptive: an edit whose best score reaches this is easy and stops (default: the "
+                                 "calibrated value of the activation map, see config.TAU_EASY_DEFAULT)")
         parser.add_argument("--tau-margin", type=float, default=d.tau_margin)
         _add_verifier_args(parser)
 

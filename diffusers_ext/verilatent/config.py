@@ -5,13 +5,14 @@ pipeline exactly (one candidate, seeded like the pipeline, no early stop). The m
 
     from diffusers_ext.verilatent import VeriLatentConfig
     VeriLatentConfig()                        # budget 1: the unwrapped pipeline, bit for bit
-    VeriLatentConfig.adaptive()               # N0 = 4 candidates, more rounds of 4 for hard edits up to 8, k = 2
+    VeriLatentConfig.adaptive()               # N0 = 4 candidates, more rounds of 4 for hard edits up to 12, k = 2
     VeriLatentConfig.fixed(8)                 # 8 candidates, one round, finish the best
     VeriLatentConfig.adaptive(k=3, n_max=16)  # any field can be overridden
 
-Every constant is an EditSteer design choice (methods.md §3.4 "Proposed design"), never the paper's number; the
-thresholds (``tau_easy``, ``global_coverage``) were calibrated on the toy world's *train* split with
-``python -m diffusers_ext.verilatent.calibrate`` and must be re-calibrated for another model.
+Every constant is an EditSteer design choice (methods.md §3.4 "Proposed design"), never the paper's number. k,
+lam, mu, the activation map, N_max and the easy thresholds were chosen on the toy world's *train* split (192 cases,
+16 candidates each) with ``python -m diffusers_ext.verilatent.calibrate``; re-calibrate ``tau_easy`` for another
+model (the score's magnitude term is in units of the source latent's norm, so it transfers better than raw values).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from ..errors import EditSteerConfigError
 
 ACTIVATIONS = ("latent", "attention", "mix")
+#: ``tau_easy`` when left to None, per activation map actually used: the median best round-one score on the toy
+#: editor's train split (k = 2, lam = mu = 1), i.e. about half of the edits are judged easy after round one.
+TAU_EASY_DEFAULT = {"mix": -0.2, "latent": 0.25, "attention": -0.35}
 NORMALISATIONS = ("max", "softmax")
 REGIONS = ("consensus", "global")
 CONSENSUS = ("contrast", "mean")
@@ -42,7 +46,8 @@ class VeriLatentConfig:
     Editing activation map (over target latent tokens)
         ``activation``: ``"latent"`` (A_p = ||x0_hat[p] - z_src[p]||_2 over channels), ``"attention"`` (attention
         of instruction tokens to target tokens, captured during the k early steps at no extra NFE) or ``"mix"``
-        (``(1 - attention_weight) * latent + attention_weight * attention`` after normalisation).
+        (``(1 - attention_weight) * latent + attention_weight * attention`` after normalisation; the latent map
+        alone where no attention is captured, e.g. at sampler level).
         ``attention_layers``: indices of the double-stream blocks whose attention is averaged (``None``: all).
         ``normalise``: ``"max"`` (A / max_p A) or ``"softmax"`` (softmax(A / temperature) * L, mean 1).
 
@@ -59,7 +64,8 @@ class VeriLatentConfig:
         source latent's mean token norm (so the score does not depend on the latent space's units).
 
     Difficulty and adaptive budget (step 6)
-        After every round the edit is "easy" when the best score reaches ``tau_easy``, the best beats the median
+        After every round the edit is "easy" when the best score reaches ``tau_easy`` (None: the calibrated
+        default of the map in use, :data:`TAU_EASY_DEFAULT`), the best beats the median
         candidate by ``tau_margin`` and the candidates' maps agree with their consensus (mean cosine) at least
         ``tau_agreement``; an easy edit (or a search at ``n_max``) stops and finishes its ``top_m`` best.
     """
@@ -71,7 +77,7 @@ class VeriLatentConfig:
     k: int = 2
     rollout_batch: int | None = None
 
-    activation: str = "latent"
+    activation: str = "mix"
     attention_weight: float = 0.5
     attention_layers: tuple[int, ...] | None = None
     normalise: str = "max"
@@ -82,11 +88,11 @@ class VeriLatentConfig:
     leave_one_out: bool = True
     global_coverage: float | None = 0.6
 
-    lam: float = 0.75
-    mu: float = 0.1
+    lam: float = 1.0
+    mu: float = 1.0
     eps: float = 1e-6
 
-    tau_easy: float = 0.45
+    tau_easy: float | None = None
     tau_margin: float = 0.0
     tau_agreement: float = 0.0
 
@@ -123,8 +129,9 @@ class VeriLatentConfig:
                           f"{self.attention_layers!r}")
             object.__setattr__(self, "attention_layers", layers)
         finite = {"attention_weight": self.attention_weight, "temperature": self.temperature, "lam": self.lam,
-                  "mu": self.mu, "eps": self.eps, "tau_easy": self.tau_easy, "tau_margin": self.tau_margin,
-                  "tau_agreement": self.tau_agreement}
+                  "mu": self.mu, "eps": self.eps, "tau_margin": self.tau_margin, "tau_agreement": self.tau_agreement}
+        if self.tau_easy is not None:
+            finite["tau_easy"] = self.tau_easy
         for name, v in finite.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise bad(f"{name} must be a finite number, got {v!r}")
@@ -146,6 +153,12 @@ class VeriLatentConfig:
     @property
     def is_adaptive(self) -> bool:
         return self.max_candidates > self.n0
+
+    def easy_threshold(self, activation: str | None = None) -> float:
+        """``tau_easy``, or its calibrated default for the activation map in use (:data:`TAU_EASY_DEFAULT`)."""
+        if self.tau_easy is not None:
+            return float(self.tau_easy)
+        return TAU_EASY_DEFAULT[activation or self.activation]
 
     @property
     def budget(self) -> int:
@@ -186,8 +199,8 @@ class VeriLatentConfig:
     # ---- presets ---------------------------------------------------------------------------------------------------
     @classmethod
     def adaptive(cls, **overrides) -> "VeriLatentConfig":
-        """The adaptive search of methods.md §3.4: N0 = 4, rounds of 4 for hard edits up to N_max = 8, top-1."""
-        return cls(**{"n0": 4, "n_max": 8, "round_size": 4, "top_m": 1, **overrides})
+        """The adaptive search of methods.md §3.4: N0 = 4, rounds of 4 for hard edits up to N_max = 12, top-1."""
+        return cls(**{"n0": 4, "n_max": 12, "round_size": 4, "top_m": 1, **overrides})
 
     @classmethod
     def fixed(cls, n: int = 8, **overrides) -> "VeriLatentConfig":

@@ -83,10 +83,15 @@ def normalise_map(a: torch.Tensor, mode: str = "max", temperature: float = 0.1) 
     return torch.where(peak > 0, out, torch.zeros_like(out))
 
 
+def activation_used(cfg: VeriLatentConfig, attention: torch.Tensor | None) -> str:
+    """The map the score actually uses: ``"mix"`` without a captured attention map is the latent map."""
+    return "latent" if cfg.activation == "mix" and attention is None else cfg.activation
+
+
 def combine_maps(latent: torch.Tensor, attention: torch.Tensor | None, cfg: VeriLatentConfig) -> torch.Tensor:
     """The normalised editing activation map Â used by the score, per ``cfg.activation``."""
     lat = normalise_map(latent, cfg.normalise, cfg.temperature)
-    if cfg.activation == "latent":
+    if activation_used(cfg, attention) == "latent":
         return lat
     if attention is None:
         raise EditSteerConfigError(
@@ -230,14 +235,16 @@ class Difficulty:
         return {"best": self.best, "margin": self.margin, "agreement": self.agreement, "easy": self.easy}
 
 
-def difficulty(scores: torch.Tensor, ahat: torch.Tensor, cfg: VeriLatentConfig) -> Difficulty:
+def difficulty(scores: torch.Tensor, ahat: torch.Tensor, cfg: VeriLatentConfig,
+               activation: str | None = None) -> Difficulty:
     s = scores.float()
     best = float(s.max())
     margin = float(best - s.median()) if s.numel() > 1 else 0.0
     cons = ahat.mean(0, keepdim=True)
     cos = torch.nn.functional.cosine_similarity(ahat, cons.expand_as(ahat), dim=-1)
     agreement = float(cos.mean())
-    easy = best >= cfg.tau_easy and (s.numel() < 2 or (margin >= cfg.tau_margin and agreement >= cfg.tau_agreement))
+    easy = best >= cfg.easy_threshold(activation) and (
+        s.numel() < 2 or (margin >= cfg.tau_margin and agreement >= cfg.tau_agreement))
     return Difficulty(best, margin, agreement, bool(easy))
 
 
@@ -251,6 +258,7 @@ class Judgement:
     parts: dict[str, torch.Tensor]
     difficulty: Difficulty
     attention: torch.Tensor | None = None  # [N, L] raw attention map, when captured
+    used: str = "latent"  # the map the score used ("mix" falls back to "latent" without attention)
 
     @property
     def scores(self) -> torch.Tensor:
@@ -275,7 +283,8 @@ def judge_maps(a: torch.Tensor, cfg: VeriLatentConfig, mask: torch.Tensor | None
     ahat = combine_maps(a, att, cfg)
     region = expected_region(ahat, cfg, mask)
     parts = score(a, ahat, region.masks, cfg, scale)
-    return Judgement(a, ahat, region, parts, difficulty(parts["score"], ahat, cfg), att)
+    used = activation_used(cfg, att)
+    return Judgement(a, ahat, region, parts, difficulty(parts["score"], ahat, cfg, used), att, used)
 
 
 def source_scale(source: torch.Tensor) -> float:

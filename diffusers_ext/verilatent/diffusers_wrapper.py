@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,8 @@ from ..errors import EditSteerConfigError, EditSteerError, ModelFamilyError
 from .config import VeriLatentConfig
 from .core import factor_grid, predicted_clean
 from .search import Finished, Rollout, SearchInterrupted, SearchReport, run_search
+
+logger = logging.getLogger(__name__)
 
 _REQUIRED_PARAMS = ("latents", "sigmas", "generator", "callback_on_step_end", "output_type", "num_images_per_prompt")
 _CALL_STATE = ("_interrupt", "_num_timesteps", "_current_timestep", "_guidance_scale", "_joint_attention_kwargs",
@@ -497,9 +500,13 @@ class VeriLatentSearch:
         try:
             attention = None
             if cfg.activation != "latent":
-                from .attention import AttentionCapture
+                from .attention import AttentionCapture, double_stream_attentions
 
-                attention = AttentionCapture(cfg.attention_layers)
+                if cfg.activation == "attention" or double_stream_attentions(self.pipe.transformer):
+                    attention = AttentionCapture(cfg.attention_layers)
+                else:  # "mix" on a transformer without double-stream QK-norm attention: the latent map alone
+                    logger.warning("%s has no double-stream attention to read: VeriLatent scores with the latent "
+                                   "map only", type(self.pipe.transformer).__name__)
             sampler = PipelineSampler(self.pipe, kwargs, state, generator=generator, attention=attention)
             sampler.base_seed = base_seed
             rounds_max = 1 + max(0, -(-(cfg.max_candidates - cfg.n0) // cfg.round_size))

@@ -113,6 +113,7 @@ class SearchReport:
     difficulty: dict | None = None  # difficulty after the last round
     bucket: str = "single"
     region_kind: str = ""
+    activation_used: str = ""  # the map the score used ("mix" without captured attention is "latent")
     region_coverage: float = 0.0
     nfe: int = 0
     nfe_measured: int | None = None
@@ -162,6 +163,7 @@ class SearchReport:
             "order": self.order, "chosen_seeds": self.chosen_seeds if self.finalists else [],
             "final_scores": self.final_scores, "round_one": self.round_one, "difficulty": self.difficulty,
             "bucket": self.bucket, "region_kind": self.region_kind, "region_coverage": self.region_coverage,
+            "activation_used": self.activation_used,
             "nfe": self.nfe, "nfe_measured": self.nfe_measured, "wall_s": self.wall_s, "verify_s": self.verify_s,
             "interrupted": self.interrupted, "grid": list(self.grid) if self.grid else None,
         }
@@ -304,6 +306,7 @@ def _fill_judgement(report: SearchReport, j: core.Judgement, grid) -> None:
     report.scores = j.scores.tolist()
     report.parts = {k: v.tolist() for k, v in j.parts.items() if k != "score"}
     report.region_kind, report.region_coverage = j.region.kind, j.region.coverage
+    report.activation_used = j.used
     report.activation, report.normalised, report.attention = j.activation, j.normalised, j.attention
     report.region = j.region.mean
     report.grid = tuple(grid) if grid is not None else core.factor_grid(j.activation.shape[1])
