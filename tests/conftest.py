@@ -7,7 +7,10 @@ test module imports diffusers or transformers.
 import os
 import tempfile
 
-_SESSION_TMP = tempfile.mkdtemp(prefix="editsteer-tests-")
+# Idempotent: test modules that `import conftest` re-execute this file as a second module; it must not move the
+# session's folders (huggingface_hub reads HF_HUB_CACHE once, at its first import).
+_SESSION_TMP = os.environ.get("EDITSTEER_TEST_TMP") or tempfile.mkdtemp(prefix="editsteer-tests-")
+os.environ["EDITSTEER_TEST_TMP"] = _SESSION_TMP
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = os.path.join(_SESSION_TMP, "hf-hub")
 os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf-home")

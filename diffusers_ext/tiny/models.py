@@ -27,6 +27,8 @@ class TinyKontextConfig:
     pooled_dim: int = 32  # CLIP hidden = pooled_projection_dim
     guidance_embeds: bool = False
     words: tuple[str, ...] = ()
+    vae_norm_num_groups: int | None = None  # None: min(vae_block_out_channels)
+    text_layers: int = 1  # depth of both text encoders
 
 
 def tiny_kontext_components(cfg: TinyKontextConfig = TinyKontextConfig(), seed: int = 0) -> dict:
@@ -56,7 +58,7 @@ def tiny_kontext_components(cfg: TinyKontextConfig = TinyKontextConfig(), seed: 
         block_out_channels=cfg.vae_block_out_channels,
         layers_per_block=1,
         latent_channels=cfg.latent_channels,
-        norm_num_groups=min(cfg.vae_block_out_channels),
+        norm_num_groups=cfg.vae_norm_num_groups or min(cfg.vae_block_out_channels),
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -67,10 +69,10 @@ def tiny_kontext_components(cfg: TinyKontextConfig = TinyKontextConfig(), seed: 
     tokenizer_2 = build_t5_tokenizer(cfg.words)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.pooled_dim, intermediate_size=2 * cfg.pooled_dim,
-        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, projection_dim=cfg.pooled_dim,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=2, max_position_embeddings=77, projection_dim=cfg.pooled_dim,
         bos_token_id=0, eos_token_id=1, pad_token_id=1))
     text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=cfg.text_dim, d_kv=8, d_ff=2 * cfg.text_dim, num_layers=1, num_heads=4,
+        vocab_size=len(tokenizer_2), d_model=cfg.text_dim, d_kv=8, d_ff=2 * cfg.text_dim, num_layers=cfg.text_layers, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,

@@ -1,0 +1,132 @@
+"""AnchorEdit's ComfyUI nodes in a real ComfyUI (skipped, with the reason, without COMFYUI_PATH)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_harness import comfy, comfy_server, load_workflow, requires_comfyui  # noqa: F401
+
+pytestmark = requires_comfyui
+
+WORKFLOW = "api/editsteer_anchoredit_toy.json"
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy):  # noqa: F811
+    import importlib
+
+    return importlib.import_module("comfy_nodes.nodes_anchoredit")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(comfy, nodes):  # noqa: F811
+    """A random small AnchorEdit pipeline in ComfyUI's models/editsteer/ folder."""
+    from fixtures_anchoredit import small_pipeline
+
+    small_pipeline().save_pretrained(comfy.base / "models" / "editsteer" / "tiny-anchoredit")
+    assert "tiny-anchoredit" in nodes._model_choices()
+    return nodes.load_model("tiny-anchoredit")
+
+
+def _image(color=(15, 15, 15)):
+    return torch.tensor(color, dtype=torch.float32).div(255).view(1, 1, 1, 3).expand(1, 32, 32, 3).clone()
+
+
+def test_shipped_workflow_runs_three_turns_and_saves_the_session(comfy, tmp_path):  # noqa: F811
+    prompt = load_workflow(WORKFLOW)
+    turns = [k for k, v in prompt.items() if v["class_type"] == "EditSteerAnchorEditTurn"]
+    assert len(turns) >= 3
+    res = comfy.run_prompt(prompt)
+    assert res.success, res.error
+    history = res.output("7")
+    assert tuple(history.shape) == (len(turns) + 1, 32, 32, 3)
+    session = res.output(turns[-1], 0)
+    assert session.turns == len(turns) and res.output(turns[-1], 2) == len(turns)
+    saved = res.output("9")
+    assert saved.endswith("_00001")
+
+    load = {"1": prompt["1"], "2": {"class_type": "EditSteerAnchorEditLoadSession",
+                                    "inputs": {"model": ["1", 0], "path": saved.rsplit("/", 1)[-1]}},
+            "3": {"class_type": "EditSteerAnchorEditTurn",
+                  "inputs": {"session": ["2", 0], "instruction": "remove the blue circle", "seed": -1,
+                             "preview": False}},
+            "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}}}
+    res2 = comfy.run_prompt(load)
+    assert res2.success, res2.error
+    ref = session.fork().edit("remove the blue circle", output_type="np")
+    got = (res2.output("3", 1)[0].numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(got, ref)  # the loaded session continues exactly like the one that was saved
+
+
+def test_turn_node_forks_reports_progress_and_honours_interrupt(comfy, nodes, tiny_model):  # noqa: F811
+    import comfy.model_management as mm
+    import comfy.utils
+
+    session, source = nodes.EditSteerAnchorEditStart.execute(tiny_model, _image(), 3, "model default", 24).args
+    assert tuple(source.shape) == (1, 32, 32, 3)
+    seen = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: seen.append((v, t, preview)))
+    try:
+        new, image, turn = nodes.EditSteerAnchorEditTurn.execute(session, "add a red circle at the center", -1,
+                                                                 True).args
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert session.turns == 0 and new.turns == 1 and turn == 1  # the input session is untouched
+    steps = len(tiny_model.sampler_config.timesteps)
+    assert [v for v, _, _ in seen] == list(range(1, steps + 1)) and all(p is not None for _, _, p in seen)
+    before = copy.deepcopy((new.instructions, [x.clone() for x in new.latents], new.cache.frames))
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            nodes.EditSteerAnchorEditTurn.execute(new, "make the red circle blue", -1, False)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert new.instructions == before[0] and new.cache.frames == before[2]
+    assert all(torch.equal(a, b) for a, b in zip(new.latents, before[1]))
+    undone, img = nodes.EditSteerAnchorEditUndo.execute(new, 1).args
+    assert undone.turns == 0 and new.turns == 1
+    images, text = nodes.EditSteerAnchorEditHistory.execute(new).args
+    assert images.shape[0] == 2 and text.startswith("1: add a red circle")
+
+
+def test_bad_inputs_are_clear_errors(comfy, nodes, tiny_model):  # noqa: F811
+    from diffusers_ext.errors import EditSteerConfigError
+
+    with pytest.raises(EditSteerConfigError, match="patch grid"):
+        nodes.EditSteerAnchorEditStart.execute(tiny_model, torch.zeros(1, 30, 32, 3), 0, "model default", 24)
+    session, _ = nodes.EditSteerAnchorEditStart.execute(tiny_model, _image(), 0, "model default", 24).args
+    saved = nodes.EditSteerAnchorEditSaveSession.execute(session, "tiny", True).args[0]
+    toy = nodes.load_model("toy-anchoredit")
+    from diffusers_ext.errors import ModelFamilyError
+
+    with pytest.raises((ModelFamilyError, EditSteerConfigError)):
+        nodes.EditSteerAnchorEditLoadSession.execute(toy, saved)
+
+
+def test_ui_workflow_matches_its_api_twin(comfy):  # noqa: F811
+    """The UI-format file (what users drag in) describes the same graph as the API file the tests execute."""
+    ui = load_workflow("editsteer_anchoredit_toy.json")
+    api = load_workflow(WORKFLOW)
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    links = {lk[0]: lk for lk in ui["links"]}
+    for node in ui["nodes"]:
+        inputs = api[str(node["id"])]["inputs"]
+        for inp in node["inputs"]:  # every socket input is the same link as in the API graph
+            _, src, slot, dst, _, _ = links[inp["link"]]
+            assert inputs[inp["name"]] == [str(src), slot] and dst == node["id"]
+        schema = comfy.node_class(node["type"])
+        names = [n for n, spec in {**schema.INPUT_TYPES().get("required", {}),
+                                   **schema.INPUT_TYPES().get("optional", {})}.items()
+                 if not isinstance(inputs.get(n), list)]
+        values = [v for v in node["widgets_values"] if v not in ("fixed", "randomize")]
+        assert values == [inputs[n] for n in names], node["type"]
+
+
+def test_api_workflow_runs_on_a_comfyui_server(comfy_server):  # noqa: F811
+    entry = comfy_server.post_prompt(load_workflow(WORKFLOW), timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = entry["outputs"]["8"]["images"]
+    assert len(saved) == 4  # the source and three turns
