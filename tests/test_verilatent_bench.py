@@ -46,6 +46,8 @@ def test_bench_bon_and_verilatent_write_comparable_runs_and_a_report(standin, tm
     summary = json.loads((runs / "quality_vs_nfe.json").read_text())
     assert [r["method"] for r in summary["table"]] == ["single", "VeriLatent adaptive 4->8 k=1", "BoN-3"]
     assert summary["comparable"] and summary["buckets"]["VeriLatent adaptive 4->8 k=1"]["hard"]["cases"] == 2
+    t = summary["targets"]["VeriLatent adaptive 4->8 k=1"]
+    assert t["nfe_by_bucket"] == {"hard": 11.0} and not t["nfe_differs_by_bucket"] and "bon8_success" not in t
     assert (runs / "quality_vs_nfe.png").stat().st_size > 0
 
 
