@@ -185,7 +185,8 @@ class BestOfNMethod(_ToyMethod):
     def settings(self) -> dict:
         verifier = ("medoid of the decoded candidates (core.medoid_ranking)" if self.args.verifier == "medoid" else
                     "pixel score: core.pixel_activation + core.judge_maps (consensus region)")
-        return {**self._common_settings(), "n": self.args.n, "pool": self.args.pool, "verifier_kind": self.args.verifier,
+        return {**self._common_settings(), "n": self.args.n, "pool": self.args.pool,
+                "verifier_kind": self.args.verifier,
                 "verifier": verifier + "; sees the source and the candidates only, never the ground truth",
                 "verifier_config": self.config.to_dict(), "overhead": self._overhead()}
 

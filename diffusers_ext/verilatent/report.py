@@ -158,9 +158,10 @@ def markdown(summary: dict) -> str:
                      + f" ({'differs' if t['nfe_differs_by_bucket'] else 'does not differ'})")
         lines.append(f"- verifier time (maps, region, score, policy, x0 capture) {100 * (t['verify_frac'] or 0):.2f} % "
                      f"of wall ({'met' if t['verify_under_2pct'] else 'not met'}: < 2 %); all time outside model "
-                     f"calls {100 * (t['non_model_frac'] or 0):.1f} % ({'met' if t['non_model_under_2pct'] else 'not met'}"
-                     f": < 2 %)" + (f", the plain pipeline's own {100 * t['single_non_model_frac']:.1f} %"
-                                    if "single_non_model_frac" in t else ""))
+                     f"calls {100 * (t['non_model_frac'] or 0):.1f} % "
+                     f"({'met' if t['non_model_under_2pct'] else 'not met'}: < 2 %)"
+                     + (f", the plain pipeline's own {100 * t['single_non_model_frac']:.1f} %"
+                        if "single_non_model_frac" in t else ""))
     if not summary["comparable"]:
         lines += ["", "Warning: the runs do not share cases/seed/split; they are not comparable case by case."]
     return "\n".join(lines) + "\n"
