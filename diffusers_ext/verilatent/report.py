@@ -52,7 +52,7 @@ def summarise(results: list[dict]) -> dict:
             "edit_success_rate": m.get("edit_success_rate"), "edit_region_mse": m.get("edit_region_mse"),
             "background_psnr": m.get("background_psnr"), "nfe_mean": r["nfe_mean"], "wall_s": r["wall_s"],
             "wall_s_per_case": r["wall_s_per_case"], "non_model_frac": ov.get("non_model_frac"),
-            "verify_frac": ov.get("verify_frac")})
+            "verify_frac": ov.get("verify_frac"), "command": r.get("command")})
     rows.sort(key=lambda x: x["nfe_mean"])
     out = {"table": rows, "buckets": {}, "families": {}}
     for r in results:
