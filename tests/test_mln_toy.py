@@ -43,3 +43,19 @@ def test_mln_beats_regeneration_on_background_psnr(toy):
         mln_bg.append(M.case_metrics(edited, case.target, case.mask, case.source)["background_psnr"])
         regen_bg.append(M.case_metrics(regen, case.target, case.mask, case.source)["background_psnr"])
     assert np.mean(mln_bg) > np.mean(regen_bg) + 3.0, (mln_bg, regen_bg)
+
+
+def test_speed_benchmark_writes_its_json(tmp_path):
+    """The speed benchmark (numbers in the README) runs and records wall and CPU time, per configuration."""
+    import json
+
+    from diffusers_ext.mln import speed
+
+    assert speed.main(["--out", str(tmp_path), "--toy-cases", "1", "--repeats", "1"]) == 0
+    r = json.loads((tmp_path / "speed.json").read_text())["toy"]
+    assert r["plain_s"] > 0 and r["plain_cpu_s"] > 0 and r["cases"] == 1
+    for name in ("toy", "toy-fast"):
+        m = r["mln"][name]
+        assert m["mln_s"] > 0 and m["cpu_ratio"] > 0 and m["token_rows"] > 0
+    # the fast variant does less transformer work than the paper's method
+    assert r["mln"]["toy-fast"]["token_rows"] < r["mln"]["toy"]["token_rows"]
