@@ -58,3 +58,40 @@ def test_dependencies_never_pull_a_cuda_torch():
     from packaging.requirements import Requirement
 
     assert "2.13.0" in Requirement(torch_req[0]).specifier
+
+
+def _setuptools_config() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_package_folder_ships_in_the_wheel():
+    """pyproject lists packages explicitly (the mapped weights_manifest package is invisible to packages.find):
+    a new subpackage missing from the list would be silently left out of wheels."""
+    cfg = _setuptools_config()
+    listed = set(cfg["packages"])
+    on_disk = {
+        ".".join(p.parent.relative_to(REPO_ROOT).parts)
+        for top in ("diffusers_ext", "comfy_nodes")
+        for p in (REPO_ROOT / top).rglob("__init__.py")
+        if "__pycache__" not in p.parts and "assets" not in p.parts
+    }
+    assert on_disk - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    mapped = cfg["package-dir"]
+    for pkg in listed - on_disk:
+        assert pkg in mapped and (REPO_ROOT / mapped[pkg]).is_dir(), f"{pkg} is listed but has no folder"
+
+
+def test_wheel_carries_the_manifest_and_the_bundled_weights():
+    """The package data globs match every manifest entry and every bundled weights file of the checkout."""
+    import fnmatch
+
+    cfg = _setuptools_config()
+    data = cfg["package-data"]
+    manifest_dir = REPO_ROOT / cfg["package-dir"]["diffusers_ext.weights_manifest"]
+    entries = sorted(p.name for p in manifest_dir.glob("*.json"))
+    assert entries and all(any(fnmatch.fnmatch(e, g) for g in data["diffusers_ext.weights_manifest"]) for e in entries)
+    assets = [p.relative_to(REPO_ROOT / "diffusers_ext").as_posix()
+              for p in (REPO_ROOT / "diffusers_ext" / "assets").rglob("*") if p.is_file()]
+    assert assets and all(any(fnmatch.fnmatch(a, g) for g in data["diffusers_ext"]) for a in assets)

@@ -210,3 +210,17 @@ def test_write_entry_roundtrip(tmp_path, artifact_files):
     _, art = artifact_files
     write_entry(art, tmp_path)
     assert load_manifest(tmp_path)["test-critic"] == art
+
+
+def test_absent_folder_artifact_is_quiet_and_explicit_path_says_missing(tmp_path, tiny_kontext_dir, caplog,
+                                                                        clean_search_dirs):
+    art = entry_from_folder(tiny_kontext_dir, id="tiny-kontext", description="t", kind="diffusers-pipeline",
+                            base_model="flux-kontext", license="apache-2.0", status="published",
+                            repo_id="editsteer-test/absent-folder", revision="c" * 40)
+    with caplog.at_level("WARNING", logger="diffusers_ext.weights.resolver"):
+        with pytest.raises(WeightsError, match="no valid copy found"):
+            resolve(art, hf_cache_dir=tmp_path / "empty-cache", allow_download=False)
+    assert not caplog.records  # nothing there is not a bad copy: no warning
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="does not hold the artifact's files"):
+        resolve(art, path=tmp_path / "empty")

@@ -210,7 +210,7 @@ def resolve(
         if ok:
             return hit(root, "explicit path", files)
         searched.append(SearchedLocation("explicit path", str(p), outcome))
-        raise WeightsError("the file(s) at the explicit path do not match the manifest" if outcome != "missing"
+        raise WeightsError("the file(s) at the explicit path do not match the manifest" if not outcome.startswith("missing")
                            else "the explicit path does not hold the artifact's files",
                            artifact_id=art.id, repo_id=art.repo_id, filename=art.main_file.path, searched=searched,
                            hint="delete the bad file and fetch it again, or pass the right path")
@@ -221,7 +221,7 @@ def resolve(
         ok, outcome = _check_location(art, root, files)
         if ok:
             return hit(root, label, files)
-        if outcome != "missing":
+        if not outcome.startswith("missing"):  # absent everywhere is normal; a present-but-bad copy is worth a word
             logger.warning("Weights '%s' at %s are not valid (%s); they will not be loaded.", art.id, where, outcome)
         searched.append(SearchedLocation(label, where, outcome))
 

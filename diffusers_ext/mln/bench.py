@@ -1,0 +1,159 @@
+"""Benchmarks of MLN on held-out toy-world edits: ``editsteer bench mln`` and ``editsteer bench regen``.
+
+Both turn the case's source caption into its target caption (the toy world's exact scene descriptions): MLN edits
+the source image; ``regen`` generates a new image from the target caption with the same seed and the same sampling
+settings (the baseline MLN must beat on background fidelity). Ablations are flags of ``mln``:
+
+* ``--no-mask``: an empty mask (out-of-mask nudging and refinement everywhere; only the TV weight frees tokens);
+* ``--no-nudge``: beta = alpha = 0 (copied coarse scales, CFG with the source prompt as negative, refinement);
+* ``--no-refine``: no quantisation refinement;
+* ``--global-edit``: mask everywhere, no refinement (MLN's style-edit mode);
+* ``--gt-mask``: the case's exact edit mask as the user mask (separates mask quality from generation quality, as
+  the "GT mask" rows of the published tables do);
+* ``--fast``: EditSteer's speed variant (:meth:`MLNConfig.fast`: mask from the second-to-last scale, no TV weight on
+  the last scale), not an ablation but its quality check.
+
+Example::
+
+    editsteer bench mln --cases 48 --out runs/bench-mln
+    editsteer bench mln --cases 48 --no-refine --out runs/bench-mln-norefine
+    editsteer bench regen --cases 48 --out runs/bench-regen
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ..bench.base import BenchMethod, MethodResult
+
+DEFAULT_MODEL = "toy-switti"
+
+
+def load_pipeline(model: str | None, cls):
+    """A pipeline of class ``cls`` from a manifest id or a folder (the bundled toy Switti by default)."""
+    from pathlib import Path
+
+    from ..weights import resolve
+
+    src = model or DEFAULT_MODEL
+    path = Path(src) if Path(src).is_dir() else resolve(src).path
+    pipe = cls.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, str(path)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    p, g = pred > 0.5, gt.astype(bool)
+    union = (p | g).sum()
+    return float((p & g).sum() / union) if union else float("nan")
+
+
+class MLNMethod(BenchMethod):
+    name = "mln"
+    kind = "single"
+    description = "Masked Logit Nudging on the toy Switti: source caption -> target caption (training-free)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", default=None, help=f"manifest id or pipeline folder (default {DEFAULT_MODEL})")
+        parser.add_argument("--preset", default=None, help="MLN preset (default: the model's: toy / 512 / 1024)")
+        parser.add_argument("--no-mask", action="store_true", help="ablation: empty mask (anchor everywhere)")
+        parser.add_argument("--no-nudge", action="store_true", help="ablation: beta = alpha = 0")
+        parser.add_argument("--no-refine", action="store_true", help="ablation: no quantisation refinement")
+        parser.add_argument("--global-edit", action="store_true", help="mask everywhere, no refinement")
+        parser.add_argument("--gt-mask", action="store_true", help="oracle: the exact edit mask as the user mask")
+        parser.add_argument("--fast", action="store_true", help="speed variant: earlier mask scale, no last-scale TV")
+        parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+    def __init__(self, args):
+        super().__init__(args)
+        from .config import MLNConfig
+        from .pipeline import MLNPipeline
+
+        _threads(args.threads)
+        self.pipe, self.where = load_pipeline(args.model, MLNPipeline)
+        K = len(self.pipe.patch_nums)
+        cfg = MLNConfig.preset(args.preset) if args.preset else MLNConfig.for_num_scales(K)
+        if args.no_nudge:
+            cfg = cfg.replace(beta=0.0, alphas=(0.0,) * K)
+        if args.no_refine:
+            cfg = cfg.replace(refine_steps=0)
+        if args.global_edit:
+            cfg = cfg.replace(global_edit=True)
+        if args.fast:
+            cfg = cfg.fast()
+        self.no_mask = bool(args.no_mask)
+        self.gt_mask = bool(args.gt_mask)
+        self.config = cfg
+        self.variant = "+".join(f for f, on in (("no-mask", args.no_mask), ("no-nudge", args.no_nudge),
+                                                 ("no-refine", args.no_refine), ("global-edit", args.global_edit),
+                                                 ("gt-mask", args.gt_mask), ("fast", args.fast))
+                                if on) or "full"
+
+    def settings(self) -> dict:
+        return {"model": self.where, "variant": self.variant, "config": self.config.to_json()}
+
+    def edit(self, case, seed: int) -> MethodResult:
+        from ..toy import world as W
+
+        G = self.pipe.patch_nums[-1]
+        mask = np.zeros((G, G), np.float32) if self.no_mask else None
+        if self.gt_mask:
+            mask = case.mask.astype(np.float32)
+        out = self.pipe(W.to_pil(case.source), case.source_caption, case.target_caption, mask=mask,
+                        config=self.config, seed=seed, output_type="np")
+        img = (out.images[0] * 255).round().astype(np.uint8)
+        m = out.masks[0]
+        return MethodResult(image=img, nfe=int(out.info["nfe"]),
+                            extras={"mask_fraction": float((m > 0.5).mean()), "mask_iou": _mask_iou(m, case.mask),
+                                    "mask_source": out.info.get("mask_source"), "edit_s": out.info.get("total_s")},
+                            images={"mask": (m > 0.5)})
+
+
+class RegenMethod(BenchMethod):
+    name = "regen"
+    kind = "single"
+    description = "regenerate from the target caption with the same seed (plain toy Switti; MLN's baseline)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", default=None, help=f"manifest id or pipeline folder (default {DEFAULT_MODEL})")
+        parser.add_argument("--preset", default=None, help="sampling settings of this MLN preset (default: model's)")
+        parser.add_argument("--negative", choices=("empty", "source"), default="empty",
+                            help="CFG negative: the empty prompt (plain generation) or the source caption")
+        parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+    def __init__(self, args):
+        super().__init__(args)
+        from ..switti import SwittiPipeline
+        from .config import MLNConfig
+
+        _threads(args.threads)
+        self.pipe, self.where = load_pipeline(args.model, SwittiPipeline)
+        K = len(self.pipe.patch_nums)
+        self.config = MLNConfig.preset(args.preset) if args.preset else MLNConfig.for_num_scales(K)
+        self.negative = args.negative
+
+    def settings(self) -> dict:
+        c = self.config
+        return {"model": self.where, "negative": self.negative, "guidance_scale": c.cfg, "top_k": c.top_k,
+                "top_p": c.top_p, "smooth_start_si": c.smooth_start, "turn_off_cfg_start_si": c.cfg_stop,
+                "last_scale_temp": c.last_temp, "reseed_every_scale": c.reseed_every_scale}
+
+    def edit(self, case, seed: int) -> MethodResult:
+        c = self.config
+        neg = case.source_caption if self.negative == "source" else ""
+        img = self.pipe(case.target_caption, negative_prompt=neg, guidance_scale=c.cfg, top_k=c.top_k, top_p=c.top_p,
+                        smooth_start_si=c.smooth_start, turn_off_cfg_start_si=c.cfg_stop, last_scale_temp=c.last_temp,
+                        seed=seed, reseed_every_scale=c.reseed_every_scale, output_type="np").images[0]
+        K = len(self.pipe.patch_nums)
+        return MethodResult(image=(img * 255).round().astype(np.uint8), nfe=2 * c.cfg_stop + (K - c.cfg_stop))

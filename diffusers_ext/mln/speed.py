@@ -1,0 +1,205 @@
+"""Speed of an MLN edit against a plain generation of the same model and resolution (writes JSON).
+
+``python -m diffusers_ext.mln.speed --out runs/mln-speed [--full-size] [--repeats 3] [--threads 1]``
+
+* ``toy``: the bundled toy Switti (32 px, 6 scales), median over toy cases: MLN edit (source -> target caption)
+  vs a plain generation of the target caption with the same sampling settings (CFG with a negative prompt on every
+  scale but the last, soft Gumbel, last-scale temperature).
+* ``full_size_512`` (``--full-size``): the official Switti 512 architecture (depth 30, width 1920, 2.47 B
+  parameters; VQ-VAE 109 M) with random weights and random prompt encodings (the CLIP encoders are left out: they
+  cost the same in both), fp32 on this machine's device.
+
+Both report wall time, transformer row-passes x tokens (the work the transformer does), and MLN's parts (source
+tokenisation, mask passes, scale loop, refinement + decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def token_rows_plain(pns, cfg_stop) -> int:
+    return sum((2 if k < cfg_stop else 1) * p * p for k, p in enumerate(pns))
+
+
+def token_rows_mln(pns, cfg) -> int:
+    K = len(pns)
+    m = cfg.mask_scale if cfg.mask_scale is not None else K - 1
+    mask = 0 if cfg.global_edit else 2 * pns[m] ** 2
+    loop = 0
+    tv_stop = K if cfg.tv_stop is None else cfg.tv_stop
+    for k in range(cfg.copy_scales, K):
+        nudge = cfg.tv_adaptive and k < tv_stop and (cfg.beta or cfg.alphas[k])
+        loop += (2 if (cfg.cfg_start <= k < cfg.cfg_stop or nudge) else 1) * pns[k] ** 2
+    return mask + loop
+
+
+def _time(fn, repeats: int) -> tuple[float, list[float], object, float]:
+    """Median wall time, all wall times, the last output, and the median CPU time of this process (which, unlike
+    wall time, does not grow when other jobs share the cores)."""
+    ts, cpu, out = [], [], None
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        ts.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(ts), ts, out, statistics.median(cpu)
+
+
+def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodings=None) -> dict:
+    """Median wall times over ``cases`` = [(image, source, target), ...]: plain generation with the first config's
+    sampling settings, and MLN with each config."""
+    from ..switti.pipeline import SwittiPipeline
+    from .pipeline import MLNPipeline
+
+    plain = SwittiPipeline(**pipe.components)
+    mln = MLNPipeline(**pipe.components)
+    for p in (plain, mln):
+        p.set_progress_bar_config(disable=True)
+    c0 = configs[0]
+    kw = dict(guidance_scale=c0.cfg, top_k=c0.top_k, top_p=c0.top_p, smooth_start_si=c0.smooth_start,
+              turn_off_cfg_start_si=c0.cfg_stop, last_scale_temp=c0.last_temp, reseed_every_scale=True,
+              output_type="pt")
+    pns = pipe.patch_nums
+    plain_t, plain_cpu = [], []
+    mln_t: dict[str, list] = {c.name: [] for c in configs}
+    mln_cpu: dict[str, list] = {c.name: [] for c in configs}
+    parts: dict[str, list] = {c.name: [] for c in configs}
+    for i, (img, src, tgt) in enumerate(cases):
+        enc = encodings(i) if encodings else {}
+        p_kw = {"prompt_encoding": enc["target"], "negative_prompt_encoding": enc["source"]} if enc else {}
+        m_kw = {"target_encoding": enc["target"], "source_encoding": enc["source"]} if enc else {}
+        t, _, _, cpu = _time(lambda: plain(tgt, negative_prompt=src, seed=i, **kw, **p_kw), repeats)
+        plain_t.append(t)
+        plain_cpu.append(cpu)
+        for c in configs:
+            t, _, out, cpu = _time(lambda: mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw), repeats)
+            mln_t[c.name].append(t)
+            mln_cpu[c.name].append(cpu)
+            parts[c.name].append({k: out.info[k] for k in ("mask_s", "sample_s", "total_s")})
+    med_p = statistics.median(plain_t)
+    rows_p = token_rows_plain(pns, c0.cfg_stop)
+    cpu_p = statistics.median(plain_cpu)
+    res = {"plain_s": med_p, "plain_s_all": plain_t, "plain_cpu_s": cpu_p, "token_rows_plain": rows_p,
+           "cases": len(cases), "repeats": repeats, "patch_nums": list(pns), "mln": {}}
+    for c in configs:
+        med_m = statistics.median(mln_t[c.name])
+        cpu_m = statistics.median(mln_cpu[c.name])
+        res["mln"][c.name] = {
+            "mln_s": med_m, "ratio": med_m / med_p, "mln_s_all": mln_t[c.name],
+            "mln_cpu_s": cpu_m, "cpu_ratio": cpu_m / cpu_p,
+            "parts_median_s": {k: statistics.median(p[k] for p in parts[c.name]) for k in parts[c.name][0]},
+            "token_rows": token_rows_mln(pns, c), "token_row_ratio": token_rows_mln(pns, c) / rows_p,
+        }
+    return res
+
+
+def toy(args) -> dict:
+    from ..toy import world as W
+    from .bench import load_pipeline
+    from .config import MLNConfig
+    from .pipeline import MLNPipeline
+
+    pipe, where = load_pipeline(args.model, MLNPipeline)
+    cfg = MLNConfig.for_num_scales(len(pipe.patch_nums))
+    cases = [W.make_case("heldout", 0, i) for i in range(args.toy_cases)]
+    res = bench_pipeline(pipe, [(W.to_pil(c.source), c.source_caption, c.target_caption) for c in cases],
+                         [cfg, cfg.fast()], args.repeats)
+    res["model"] = where
+    return res
+
+
+def full_size(args) -> dict:
+    from ..switti import SwittiTransformer, SwittiVQVAE
+    from ..switti.loading import transformer_config_from_official, vqvae_config_from_official
+    from ..switti.text import PromptEncoding
+    from .config import MLNConfig
+    from .pipeline import MLNPipeline
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    transformer = SwittiTransformer(**transformer_config_from_official({"depth": 30})).eval()
+    vqvae = SwittiVQVAE(**vqvae_config_from_official({}, reso=512)).eval()
+    build_s = time.perf_counter() - t0
+    pipe = MLNPipeline(transformer=transformer, vqvae=vqvae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                       tokenizer_2=None)
+    T = 77
+    g = torch.Generator().manual_seed(1)
+
+    def enc(n_tokens: int) -> PromptEncoding:
+        ids = torch.full((1, T), 49407)
+        ids[0, 0] = 49406
+        ids[0, 1:n_tokens - 1] = torch.arange(100, 98 + n_tokens)
+        mask = torch.zeros(1, T, dtype=torch.long)
+        mask[0, :n_tokens] = 1
+        bias = torch.zeros(1, T).masked_fill(mask == 0, float("-inf"))
+        return PromptEncoding(embeds=torch.randn(1, T, 2048, generator=g), pooled=torch.randn(1, 1280, generator=g),
+                              bias=bias, input_ids=ids, attention_mask=mask)
+
+    src, tgt = enc(12), enc(12)
+    tgt.input_ids[0, 4] = 999  # one changed word
+    img = torch.rand(3, 512, 512, generator=g)
+    cfg = MLNConfig.preset("512")
+    res = bench_pipeline(pipe, [(img, "source", "target")], [cfg, cfg.fast()], args.repeats,
+                         encodings=lambda i: {"source": src, "target": tgt})
+    res.update(build_s=build_s, params_transformer=sum(p.numel() for p in transformer.parameters()),
+               params_vqvae=sum(p.numel() for p in vqvae.parameters()), dtype="float32",
+               device=str(transformer.device), text_encoders="left out (random encodings; equal cost in both)")
+    return res
+
+
+def _say(name: str, r: dict) -> None:
+    parts = ", ".join(f"MLN[{k}] {v['mln_s']:.3f}s ({v['ratio']:.2f}x wall, {v['cpu_ratio']:.2f}x CPU, token-rows "
+                      f"{v['token_row_ratio']:.2f}x)" for k, v in r["mln"].items())
+    print(f"{name}: plain {r['plain_s']:.3f}s ({r['plain_cpu_s']:.3f}s CPU); {parts}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffusers_ext.mln.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/mln-speed")
+    p.add_argument("--model", default=None, help="toy model id or folder (default: the bundled toy-switti)")
+    p.add_argument("--toy-cases", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--full-size", action="store_true", help="also the 2.47 B-parameter Switti 512 (random weights)")
+    p.add_argument("--full-size-only", action="store_true")
+    p.add_argument("--full-size-repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called in-process (tests)
+
+
+def _run(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / "speed.json"
+    results = json.loads(f.read_text()) if f.exists() else {}
+    results.update({"command": " ".join(["python -m diffusers_ext.mln.speed", *sys.argv[1:]]),
+                    "platform": platform.platform(), "threads": args.threads,
+                    "device": "cuda" if torch.cuda.is_available() else "cpu"})
+    if not args.full_size_only:
+        results["toy"] = toy(args)
+        _say("toy", results["toy"])
+        f.write_text(json.dumps(results, indent=1) + "\n")
+    if args.full_size or args.full_size_only:
+        args.repeats = args.full_size_repeats
+        results["full_size_512"] = full_size(args)
+        _say("full size 512", results["full_size_512"])
+    f.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Flat ``pipeline.py`` files for ``DiffusionPipeline.from_pretrained(..., custom_pipeline=<folder>)``."""

@@ -1,0 +1,102 @@
+"""MLN's ComfyUI nodes and workflow in a real ComfyUI (skipped without COMFYUI_PATH; see tests/comfy_harness.py)."""
+
+import json
+
+import pytest
+from comfy_harness import comfy, comfy_server, load_workflow, requires_comfyui  # noqa: F401
+
+pytestmark = requires_comfyui
+
+NODE_IDS = ("EditSteerSwittiLoader", "EditSteerMLNEdit", "EditSteerMLNToyCase")
+
+
+def test_mln_nodes_are_registered(comfy):
+    for node_id in NODE_IDS:
+        schema = comfy.node_class(node_id).GET_SCHEMA()
+        assert schema.category == "EditSteer/MLN"
+    edit = comfy.node_class("EditSteerMLNEdit").GET_SCHEMA()
+    assert [o.io_type for o in edit.outputs] == ["IMAGE", "MASK"]
+    assert edit.inputs[0].io_type == "EDITSTEER_SWITTI"
+
+
+def test_api_workflow_runs_on_cpu_with_progress_and_previews(comfy):
+    import comfy.utils as cu
+
+    calls = []
+    old = cu.PROGRESS_BAR_HOOK
+    cu.set_progress_bar_global_hook(lambda value, total, preview, **kw: calls.append((value, total, preview)))
+    try:
+        res = comfy.run_prompt(load_workflow("api/editsteer_mln_toy.json"))
+    finally:
+        cu.set_progress_bar_global_hook(old)
+    assert res.success, res.error
+    image, mask = res.output("3", 0), res.output("3", 1)
+    assert tuple(image.shape) == (1, 32, 32, 3) and tuple(mask.shape) == (1, 32, 32)
+    assert 0 < float(mask.mean()) < 1
+    saved = list((comfy.base / "output").glob("editsteer_mln_*.png"))
+    assert saved, "SaveImage wrote nothing"
+    # one progress step per scale of the toy model (6), a preview from the first edited scale on
+    assert [c[0] for c in calls] == [1, 2, 3, 4, 5, 6] and {c[1] for c in calls} == {6}
+    assert all(c[2] is not None and c[2][0] == "JPEG" for c in calls[2:])
+
+
+def test_interrupt_stops_the_edit(comfy):
+    import comfy.model_management as mm
+    import comfy.utils as cu
+
+    old = cu.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, **kw):
+        if value == 3:
+            mm.interrupt_current_processing(True)
+
+    cu.set_progress_bar_global_hook(hook)
+    prompt = load_workflow("api/editsteer_mln_toy.json")
+    prompt["3"]["inputs"]["seed"] = 7  # not cached from the previous test
+    try:
+        res = comfy.run_prompt(prompt)
+    finally:
+        cu.set_progress_bar_global_hook(old)
+        mm.interrupt_current_processing(False)
+    assert not res.success
+    assert any(event == "execution_interrupted" for event, _ in comfy.executor.status_messages)
+
+
+def test_ui_workflow_matches_its_api_twin(comfy):
+    ui = load_workflow("editsteer_mln_toy.json")
+    api = load_workflow("api/editsteer_mln_toy.json")
+    assert sorted(n["type"] for n in ui["nodes"]) == sorted(v["class_type"] for v in api.values())
+    for n in ui["nodes"]:
+        assert n["type"] in comfy.nodes.NODE_CLASS_MAPPINGS, n["type"]
+    # every UI link joins existing slots with matching types
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for lid, src, s_slot, dst, d_slot, typ in ui["links"]:
+        assert by_id[src]["outputs"][s_slot]["type"] == typ
+        assert any(i.get("link") == lid and i["type"] == typ for i in by_id[dst]["inputs"])
+    # the MLN node's widget values follow its schema's widget inputs (+ the seed's control value)
+    edit = next(n for n in ui["nodes"] if n["type"] == "EditSteerMLNEdit")
+    schema = comfy.node_class("EditSteerMLNEdit").GET_SCHEMA()
+    widgets = [i.id for i in schema.inputs if i.io_type in ("STRING", "INT", "FLOAT", "BOOLEAN", "COMBO")]
+    assert len(edit["widgets_values"]) == len(widgets) + 1  # control_after_generate after the seed
+    json.dumps(ui)
+
+
+def test_bad_mask_batch_is_refused_clearly(comfy):
+    import torch
+
+    from comfy_nodes.nodes_mln import load_switti, run_mln
+    from diffusers_ext.errors import EditSteerConfigError
+
+    pipe = load_switti("toy-switti (bundled, 32 px)")
+    img = torch.rand(2, 32, 32, 3)
+    with pytest.raises(EditSteerConfigError, match="MASK batch 3"):
+        run_mln(pipe, img, "a red circle", "a blue circle", 0, mask=torch.ones(3, 32, 32))
+    with pytest.raises(EditSteerConfigError, match="mask has shape"):
+        run_mln(pipe, img[:1], "a red circle", "a blue circle", 0, mask=torch.ones(1, 20, 20))
+
+
+def test_api_workflow_runs_on_a_loopback_server(comfy_server):
+    hist = comfy_server.post_prompt(load_workflow("api/editsteer_mln_toy.json"), timeout=600)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    saved = [img["filename"] for out in hist["outputs"].values() for img in out.get("images", [])]
+    assert any(f.startswith("editsteer_mln_") for f in saved) and any("mask" in f for f in saved)

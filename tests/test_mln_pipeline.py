@@ -1,0 +1,140 @@
+"""The MLN pipeline on a tiny untrained Switti: parity with plain sampling, anchoring, masks, bad inputs, the
+custom_pipeline shim."""
+
+import numpy as np
+import pytest
+import torch
+from fixtures_mln import PS, PT, random_image, same_state, state_snapshot, tiny_mln_config, tiny_mln_pipeline
+
+from diffusers_ext.errors import EditSteerConfigError
+from diffusers_ext.switti import SwittiPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_mln_pipeline()
+
+
+def test_neutral_settings_reproduce_plain_switti_sampling(pipe):
+    """beta = alpha = 0, s = 0, no refinement: plain Switti sampling of the target prompt with the source prompt as
+    the negative (soft Gumbel, CFG 8, last-scale temperature 0.1, same per-scale reseeding), bit for bit."""
+    cfg = tiny_mln_config().neutral()
+    img = random_image()
+    out = pipe(img, PS, PT, config=cfg, seed=5, output_type="pt")
+    plain = SwittiPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    ref = plain(PT, negative_prompt=PS, guidance_scale=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
+                smooth_start_si=cfg.smooth_start, turn_off_cfg_start_si=cfg.cfg_stop, last_scale_temp=cfg.last_temp,
+                seed=5, reseed_every_scale=True, output_type="pt").images
+    assert torch.equal(out.images, ref)
+    # and the same number of transformer row-passes: 2 per guided scale, 1 on the last
+    assert out.info["nfe"] == 2 * (cfg.num_scales - 1) + 1
+    # a different seed gives a different image (the comparison above is not vacuous)
+    other = plain(PT, negative_prompt=PS, guidance_scale=cfg.cfg, top_k=cfg.top_k, seed=6, reseed_every_scale=True,
+                  turn_off_cfg_start_si=cfg.cfg_stop, output_type="pt").images
+    assert not torch.equal(other, ref)
+
+
+def test_strong_nudging_reproduces_the_source_tokens(pipe):
+    """With a huge, unweighted nudge everywhere the sampler picks the source token at every scale, so the edit
+    decodes to the VQ-VAE reconstruction of the source."""
+    cfg = tiny_mln_config(beta=1e4, alphas=(1e4,) * 4, tv_adaptive=False, refine_steps=0)
+    img = random_image(seed=1)
+    out = pipe(img, PS, PT, config=cfg, seed=0, output_type="pt").images
+    from diffusers_ext.mln.pipeline import image_to_tensor
+
+    with torch.no_grad():
+        rec = pipe.vqvae.idxBl_to_img(pipe.vqvae.img_to_idxBl(image_to_tensor(img), pipe.patch_nums))
+    torch.testing.assert_close(out, rec.add(1).div(2).clamp(0, 1), atol=2e-3, rtol=0)
+
+
+def test_auto_user_and_global_masks(pipe):
+    img = random_image(seed=2)
+    cfg = tiny_mln_config()
+    auto = pipe(img, PS, PT, config=cfg, output_type="np")
+    assert auto.info["mask_source"] == "auto" and auto.masks.shape == (1, 16, 16)
+    G = pipe.patch_nums[-1]
+    assert 0 < auto.masks.mean() < 1 and auto.masks.mean() == pytest.approx(round((1 - 0.8) * G * G) / (G * G),
+                                                                            abs=1 / G**2)
+    user = np.zeros((16, 16), np.float32)
+    user[:8] = 1
+    got = pipe(img, PS, PT, mask=user, config=cfg, output_type="np")
+    assert got.info["mask_source"] == "user" and np.array_equal(got.masks[0], user)
+    both = pipe(img, PS, PT, mask=user, mask_mode="intersect", config=cfg, output_type="np")
+    assert both.masks[0][8:].sum() == 0 and both.masks[0].sum() <= auto.masks[0].sum()
+    glob = pipe(img, PS, "a watercolour painting", global_edit=True, config=cfg, output_type="np")
+    assert glob.info["mask_source"] == "global" and glob.masks.min() == 1
+    same = pipe(img, PS, PS, config=cfg, output_type="np")  # nothing to edit: an empty mask, said so
+    assert same.masks.max() == 0 and "identical" in same.info["mask_source"]
+
+
+def test_image_size_mismatch_is_resized_with_a_warning_or_refused(pipe):
+    img = random_image(size=24)
+    out = pipe(img, PS, PT, config=tiny_mln_config(), output_type="np")
+    assert out.images.shape == (1, 24, 24, 3) and out.masks.shape == (1, 24, 24)
+    assert any("resized from 24x24 to 16x16" in w for w in out.info["warnings"])
+    with pytest.raises(EditSteerConfigError, match="24x24.*16x16"):
+        pipe(img, PS, PT, config=tiny_mln_config(), resize="error")
+
+
+def test_bad_inputs_fail_clearly_and_leave_the_model_as_it_was(pipe):
+    snap_t, snap_v = state_snapshot(pipe.transformer), state_snapshot(pipe.vqvae)
+    procs = pipe.transformer.cross_attn_processors
+    img = random_image()
+    with pytest.raises(EditSteerConfigError, match="mask has shape"):
+        pipe(img, PS, PT, mask=np.ones((10, 10)), config=tiny_mln_config())
+    with pytest.raises(EditSteerConfigError, match="4-scale Switti|needs 10 scales|has 4 scales"):
+        pipe(img, PS, PT, preset="512")
+    with pytest.raises(EditSteerConfigError, match="strings"):
+        pipe(img, [PS], PT, config=tiny_mln_config())
+    with pytest.raises(EditSteerConfigError, match="image must be"):
+        pipe("not an image", PS, PT, config=tiny_mln_config())
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(p, k, t, kw):  # e.g. a ComfyUI interrupt in the middle of the scale loop
+        if k == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe(img, PS, PT, config=tiny_mln_config(), callback_on_step_end=interrupt)
+    # an error inside the mask pass (bad features) still restores the attention processors
+    from diffusers_ext.switti import SwittiBackbone
+
+    enc = pipe.encode_prompt([PT])
+    bb = SwittiBackbone(pipe.transformer, pipe.vqvae, pipe.prepare_conditioning([enc, enc]), batch=1)
+    with pytest.raises(RuntimeError):
+        bb.cross_attention_maps(3, torch.zeros(1, 5, 4, 4), groups=2, blocks=range(0, 2))
+    assert pipe.transformer.cross_attn_processors == procs
+    from diffusers_ext.mln import MLNBackbone, VARBackbone
+
+    assert isinstance(bb, VARBackbone) and isinstance(bb, MLNBackbone)  # Switti implements the sampler's protocols
+    assert same_state(pipe.transformer, snap_t) and same_state(pipe.vqvae, snap_v)
+
+
+def test_long_prompts_are_truncated_and_reported(pipe):
+    long = " and ".join(["a large red circle at the top left"] * 12)
+    out = pipe(random_image(), PS, long, config=tiny_mln_config(), output_type="np")
+    assert any(w.startswith("target prompt has") and "truncated" in w for w in out.info["warnings"])
+
+
+def test_custom_pipeline_shim_offline(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_ext.mln import shim_path
+
+    pipe.save_pretrained(tmp_path / "mln")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "mln", custom_pipeline=shim_path(), trust_remote_code=True)
+    assert type(loaded).__name__ == "MLNPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    a = loaded(random_image(), PS, PT, config=tiny_mln_config(), seed=1, output_type="pt").images
+    b = pipe(random_image(), PS, PT, config=tiny_mln_config(), seed=1, output_type="pt").images
+    assert torch.equal(a, b)
+
+
+def test_runs_in_bfloat16():
+    bf = tiny_mln_pipeline().to(torch.bfloat16)
+    out = bf(random_image(), PS, PT, config=tiny_mln_config(), output_type="np")
+    assert bf.transformer.dtype == torch.bfloat16 and np.isfinite(out.images).all()
+    assert out.images.shape == (1, 16, 16, 3) and out.info["mask_source"] == "auto"

@@ -1,0 +1,61 @@
+"""The bundled toy Switti: it loads from the weight manifest, and MLN keeps the background far better than
+regenerating from the target caption with the same seed (held-out toy edits)."""
+
+import numpy as np
+import pytest
+
+from diffusers_ext.toy import metrics as M
+from diffusers_ext.toy import world as W
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from diffusers_ext.mln import MLNPipeline
+    from diffusers_ext.weights import resolve
+
+    found = resolve("toy-switti")
+    assert found.source == "bundled" and found.verified
+    pipe = MLNPipeline.from_pretrained(found.path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_bundled_toy_is_a_switti_pipeline(toy):
+    assert toy.resolution == W.IMAGE_SIZE and toy.patch_nums == (1, 2, 3, 4, 6, 8)
+    assert type(toy.transformer).__name__ == "SwittiTransformer" and type(toy.vqvae).__name__ == "SwittiVQVAE"
+
+
+def test_mln_beats_regeneration_on_background_psnr(toy):
+    from diffusers_ext.mln import MLNConfig
+    from diffusers_ext.switti import SwittiPipeline
+
+    plain = SwittiPipeline(**toy.components)
+    plain.set_progress_bar_config(disable=True)
+    cfg = MLNConfig.preset("toy")
+    mln_bg, regen_bg = [], []
+    for i in range(12):  # two of each family
+        case = W.make_case("heldout", seed=0, index=i)
+        out = toy(W.to_pil(case.source), case.source_caption, case.target_caption, seed=i, output_type="np")
+        edited = (out.images[0] * 255).round().astype(np.uint8)
+        regen = plain(case.target_caption, guidance_scale=cfg.cfg, turn_off_cfg_start_si=cfg.cfg_stop,
+                      last_scale_temp=cfg.last_temp, seed=i, reseed_every_scale=True, output_type="np").images[0]
+        regen = (regen * 255).round().astype(np.uint8)
+        mln_bg.append(M.case_metrics(edited, case.target, case.mask, case.source)["background_psnr"])
+        regen_bg.append(M.case_metrics(regen, case.target, case.mask, case.source)["background_psnr"])
+    assert np.mean(mln_bg) > np.mean(regen_bg) + 3.0, (mln_bg, regen_bg)
+
+
+def test_speed_benchmark_writes_its_json(tmp_path):
+    """The speed benchmark (numbers in the README) runs and records wall and CPU time, per configuration."""
+    import json
+
+    from diffusers_ext.mln import speed
+
+    assert speed.main(["--out", str(tmp_path), "--toy-cases", "1", "--repeats", "1"]) == 0
+    r = json.loads((tmp_path / "speed.json").read_text())["toy"]
+    assert r["plain_s"] > 0 and r["plain_cpu_s"] > 0 and r["cases"] == 1
+    for name in ("toy", "toy-fast"):
+        m = r["mln"][name]
+        assert m["mln_s"] > 0 and m["cpu_ratio"] > 0 and m["token_rows"] > 0
+    # the fast variant does less transformer work than the paper's method
+    assert r["mln"]["toy-fast"]["token_rows"] < r["mln"]["toy"]["token_rows"]
