@@ -120,6 +120,6 @@ def test_custom_pipeline_shim_offline(critic_editor_dir, critic_folder):
     assert out.error_maps.shape == (1, 8, 8)
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(critic_editor_dir, custom_pipeline=str(shim_path("kontext")))
-    assert (shim_path("qwen") / "pipeline.py").is_file()
+    assert shim_path("qwen").is_file() and (shim_path("qwen").parent / "pipeline.py").is_file()
     with pytest.raises(EditSteerConfigError, match="unknown shim"):
         shim_path("sdxl")

@@ -14,7 +14,7 @@ Two ways to use them::
     from diffusers_ext.critic import InlineCriticKontextPipeline
     pipe = InlineCriticKontextPipeline.from_pretrained("black-forest-labs/FLUX.1-Kontext-dev",
                                                        critic="org/my-kontext-critic", torch_dtype=torch.bfloat16)
-    # 2. diffusers' custom_pipeline, pointing at the pack's shim folder (needs `import diffusers_ext` to work)
+    # 2. diffusers' custom_pipeline, pointing at the pack's shim file (needs `import diffusers_ext` to work)
     from diffusers import DiffusionPipeline
     from diffusers_ext.critic import shim_path
     pipe = DiffusionPipeline.from_pretrained("black-forest-labs/FLUX.1-Kontext-dev",
@@ -62,10 +62,17 @@ SHIMS = {"kontext": "kontext", "flux-kontext": "kontext", "qwen": "qwen", "qwen-
 
 
 def shim_path(kind: str = "kontext") -> Path:
-    """Folder to pass as ``custom_pipeline=`` (``"kontext"`` or ``"qwen"``); holds a flat ``pipeline.py``."""
+    """The shim file to pass as ``custom_pipeline=`` (``"kontext"`` or ``"qwen"``).
+
+    It is ``shims/<kind>/editsteer_critic_<kind>.py``: diffusers imports a local custom pipeline as
+    ``diffusers_modules.local.<file name>``, so a unique name keeps it apart from other shims loaded in the same
+    process (two folders' ``pipeline.py`` would collide). The folder (``shim_path(kind).parent``) also holds the same
+    code as ``pipeline.py`` for diffusers' folder form.
+    """
     if kind not in SHIMS:
         raise EditSteerConfigError(f"unknown shim {kind!r}; known: {', '.join(sorted(set(SHIMS.values())))}")
-    return Path(__file__).resolve().parent / "shims" / SHIMS[kind]
+    k = SHIMS[kind]
+    return Path(__file__).resolve().parent / "shims" / k / f"editsteer_critic_{k}.py"
 
 
 @dataclass
