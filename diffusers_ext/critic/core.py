@@ -1,0 +1,244 @@
+"""The Inline Critic's per-call mathematics, in plain torch, shared by every adapter.
+
+Nothing here knows diffusers or ComfyUI. The diffusers attention processors (``processors_flux.py``,
+``processors_qwen.py``) and the ComfyUI patches call these functions with tensors in one documented layout, so one
+weight file gives the same predictions through both.
+
+Tensor layout (``BSHD``)
+    ``q, k, v`` are the *joint* attention inputs of one block, shape ``(batch, seq, heads, head_dim)``, exactly as
+    the frozen model would feed them to its attention kernel: after the q/k RMS norms and after RoPE. The joint
+    sequence is ``[text tokens, critic tokens, image tokens]`` (text first, as in Flux and Qwen-Image); the
+    ``n_c`` critic rows sit at ``[start, start + n_c)`` where ``start`` is the text length without the critic.
+    ``key_mask`` (optional) is a bool ``(batch, seq)`` over that same joint sequence, ``True`` = may be attended
+    (Qwen-Image's text padding mask extended with ones); critic rows are always ``True``.
+
+``attn_fn(q, k, v, mask) -> out``
+    The adapter's attention kernel on ``BSHD`` tensors. ``mask`` is ``None``, a bool ``(batch, seq_k)`` key mask or
+    a float ``(batch | 1, seq_k)`` additive key bias. diffusers passes ``dispatch_attention_fn`` (so the user's
+    attention backend is honoured); ComfyUI passes its optimized attention. :func:`sdpa_bshd` is the default.
+
+Block modes (see :meth:`CriticConfig.block_mode`)
+    ``dormant``: main tokens attend over the main tokens only (the frozen model's own attention call); the critic
+    rows' attention output is zero. ``read``: same main call; the critic queries attend over every main key and
+    the critic keys (a small separate attention in float32). ``steer``: one attention over the whole joint
+    sequence; critic keys get the additive logit bias ``log(scale)`` (``scale == 1``: no bias; ``scale == 0``:
+    read). Per-block low-rank adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first.
+
+Example::
+
+    import torch
+    from diffusers_ext.critic import core
+    q = k = v = torch.randn(1, 10, 2, 8)                 # 4 text rows, 1 critic row, 5 image rows
+    out = core.critic_attention(q, k, v, start=4, n_c=1, block_mode="read")
+    ref = core.sdpa_bshd(core.drop_rows(q, 4, 1), core.drop_rows(k, 4, 1), core.drop_rows(v, 4, 1), None)
+    torch.equal(core.drop_rows(out, 4, 1), ref)          # True: main tokens never see the critic in read mode
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+BLOCK_MODES = ("off", "dormant", "read", "steer")
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+def take_rows(x: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Rows ``[start, start + n)`` of dim 1."""
+    return x[:, start:start + n]
+
+
+def drop_rows(x: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """``x`` without rows ``[start, start + n)`` of dim 1 (a copy)."""
+    if start + n == x.shape[1]:
+        return x[:, :start]
+    return torch.cat([x[:, :start], x[:, start + n:]], dim=1)
+
+
+def insert_rows(main: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """Inverse of :func:`drop_rows`: ``rows`` inserted before position ``start`` of ``main``'s dim 1."""
+    return torch.cat([main[:, :start], rows, main[:, start:]], dim=1)
+
+
+def replace_rows(x: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """``x`` with rows ``[start, start + len(rows))`` replaced (out of place, autograd-safe)."""
+    n = rows.shape[1]
+    return torch.cat([x[:, :start], rows.to(x.dtype), x[:, start + n:]], dim=1)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+def sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Reference ``attn_fn``: torch SDPA on ``BSHD`` tensors with a key mask or key bias ``(B|1, S_k)``."""
+    m = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m)
+    return out.transpose(1, 2)
+
+
+def lowrank_residual(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + (x @ down) @ up + bias`` on the flattened heads of ``x`` (``(B, n, H, Dh)``); ``down (H*Dh, r)``,
+    ``up (r, H*Dh)``, ``bias (n, H*Dh)``. The critic's per-block adapter; ``up`` and ``bias`` start at zero so a new
+    adapter is the identity. The bias gives every block its own learned critic key/value offsets (prefix-tuning
+    style capacity); the low-rank term keeps them a function of what the critic has read."""
+    b, n, h, d = x.shape
+    flat = x.reshape(b, n, h * d)
+    delta = (flat.to(down.dtype) @ down) @ up
+    if bias is not None:
+        delta = delta + bias
+    return (flat + delta.to(x.dtype)).reshape(b, n, h, d)
+
+
+def adapt_critic_rows(qc, kc, vc, adapter: tuple[torch.Tensor, ...] | None):
+    """Apply a block's adapter ``(down (3, W, r), up (3, r, W)[, bias (3, n_c, W)])`` to the critic rows of q, k
+    and v (index 0, 1, 2)."""
+    if adapter is None:
+        return qc, kc, vc
+    down, up = adapter[0], adapter[1]
+    bias = adapter[2] if len(adapter) > 2 else (None, None, None)
+    return (lowrank_residual(qc, down[0], up[0], bias[0]), lowrank_residual(kc, down[1], up[1], bias[1]),
+            lowrank_residual(vc, down[2], up[2], bias[2]))
+
+
+def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The critic's own attention: queries ``qc (B, n_c, H, Dh)`` over the main keys ``k, v (B, S, H, Dh)`` and the
+    critic keys ``kc, vc (B, n_c, H, Dh)``; softmax in float32. ``key_mask`` (``(B, S)`` bool) masks main keys."""
+    scale = 1.0 / math.sqrt(qc.shape[-1])
+    qf = qc.float() * scale
+    s_main = torch.einsum("bqhd,bkhd->bhqk", qf, k.float())
+    if key_mask is not None:
+        s_main = s_main.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    s_self = torch.einsum("bqhd,bkhd->bhqk", qf, kc.float())
+    p = torch.softmax(torch.cat([s_main, s_self], dim=-1), dim=-1)
+    n_main = k.shape[1]
+    out = torch.einsum("bhqk,bkhd->bqhd", p[..., :n_main], v.float())
+    out = out + torch.einsum("bhqk,bkhd->bqhd", p[..., n_main:], vc.float())
+    return out.to(qc.dtype)
+
+
+def steer_key_bias(key_mask: torch.Tensor | None, seq: int, start: int, n_c: int, scale: float,
+                   batch: int, device, dtype) -> torch.Tensor | None:
+    """Key mask/bias for a ``steer`` call over the joint sequence: ``None`` when nothing is masked and
+    ``scale == 1``; the bool ``key_mask`` when only padding is masked; else a float bias with ``log(scale)`` on the
+    critic keys and ``-inf`` on masked keys."""
+    if scale == 1.0:
+        return key_mask
+    bias = torch.zeros(batch if key_mask is not None else 1, seq, device=device, dtype=dtype)
+    bias[:, start:start + n_c] = math.log(scale)
+    if key_mask is not None:
+        bias = bias.masked_fill(~key_mask, float("-inf"))
+    return bias
+
+
+def _swap_rows_(x: torch.Tensor, a: int, b: int, n: int) -> None:
+    """Swap rows ``[a, a + n)`` and ``[b, b + n)`` of dim 1 in place (the ranges must not overlap)."""
+    tmp = x[:, a:a + n].clone()
+    x[:, a:a + n] = x[:, b:b + n]
+    x[:, b:b + n] = tmp
+
+
+def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, n_c: int,
+                     block_mode: str, scale: float = 1.0, key_mask: torch.Tensor | None = None,
+                     adapter: tuple[torch.Tensor, ...] | None = None,
+                     attn_fn: AttnFn = sdpa_bshd) -> torch.Tensor:
+    """One block's attention with the critic rows at ``[start, start + n_c)`` of the joint ``BSHD`` sequence.
+
+    Returns the attention output in the same joint layout (before the output projections). See the module
+    docstring for the layout and the block modes.
+
+    With autograd off, ``q``, ``k`` and ``v`` are used as scratch space (the critic rows are rewritten and, in
+    read mode, swapped with the last rows so that the main tokens are a zero-copy view): callers must not reuse
+    them after the call. With autograd on, nothing is modified in place.
+    """
+    if block_mode == "off":
+        return attn_fn(q, k, v, key_mask)
+    if block_mode not in BLOCK_MODES:
+        raise ValueError(f"unknown block mode {block_mode!r}")
+    inplace = not torch.is_grad_enabled()
+    qc, kc, vc = take_rows(q, start, n_c), take_rows(k, start, n_c), take_rows(v, start, n_c)
+    if block_mode != "dormant":
+        qc, kc, vc = adapt_critic_rows(qc, kc, vc, adapter)
+    if block_mode == "steer" and scale > 0:
+        if adapter is not None:
+            if inplace:
+                for x, r in ((q, qc), (k, kc), (v, vc)):
+                    x[:, start:start + n_c] = r
+            else:
+                q, k, v = replace_rows(q, qc, start), replace_rows(k, kc, start), replace_rows(v, vc, start)
+        mask = steer_key_bias(key_mask, q.shape[1], start, n_c, float(scale), q.shape[0], q.device, q.dtype)
+        return attn_fn(q, k, v, mask)
+    # read / dormant (and steer with scale 0): the main tokens run the frozen model's own attention call
+    seq = q.shape[1]
+    tail = seq - n_c
+    if inplace and tail - start >= n_c:
+        # swap the critic rows with the last n_c rows: the main tokens become the view [:tail] (no copy)
+        qc, kc, vc = qc.clone(), kc.clone(), vc.clone()
+        for x in (q, k, v):
+            _swap_rows_(x, start, tail, n_c)
+        mm = None
+        if key_mask is not None:
+            mm = key_mask.clone()
+            _swap_rows_(mm, start, tail, n_c)
+            mm = mm[:, :tail]
+        qm, km, vm = q[:, :tail], k[:, :tail], v[:, :tail]
+        out_main = attn_fn(qm, km, vm, mm)
+        out_c = (torch.zeros_like(qc, dtype=out_main.dtype) if block_mode == "dormant"
+                 else critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype))
+        # out_main rows: [text, moved tail, rest]; back to [text, critic, rest, tail]
+        return torch.cat([out_main[:, :start], out_c, out_main[:, start + n_c:], out_main[:, start:start + n_c]],
+                         dim=1)
+    qm, km, vm = drop_rows(q, start, n_c), drop_rows(k, start, n_c), drop_rows(v, start, n_c)
+    mm = None if key_mask is None else drop_rows(key_mask, start, n_c)
+    out_main = attn_fn(qm, km, vm, mm)
+    if block_mode == "dormant":
+        out_c = torch.zeros_like(qc, dtype=out_main.dtype)
+    else:
+        out_c = critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype)
+    return insert_rows(out_main, out_c, start)
+
+
+# -- error maps ---------------------------------------------------------------------------------------------------
+def token_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token squared error ``||pred_i - target_i||^2`` over the channel dim: ``(B, N, C) -> (B, N)``."""
+    return (pred.float() - target.float()).pow(2).sum(-1)
+
+
+def log_normalise(err: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``log(1 + e)`` divided by its per-sample mean over tokens (``methods.md`` §1.4): a few huge-error tokens
+    cannot dominate, and maps of easy and hard samples share one scale (mean 1)."""
+    le = torch.log1p(err.float().clamp_min(0))
+    return le / (le.mean(dim=-1, keepdim=True) + eps)
+
+
+def rank(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dim (0-based, float), ties get their average rank (as ``scipy.stats.rankdata``)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(flat, dtype=torch.float64)
+    for i, row in enumerate(flat):
+        vals, order = torch.sort(row)
+        r = torch.empty_like(row, dtype=torch.float64)
+        r[order] = torch.arange(row.numel(), dtype=torch.float64)
+        uniq, inverse, counts = torch.unique_consecutive(vals, return_inverse=True, return_counts=True)
+        if uniq.numel() < row.numel():  # average the ranks of tied values
+            ends = torch.cumsum(counts, 0).double()
+            avg = ends - (counts.double() + 1) / 2
+            r[order] = avg[inverse]
+        out[i] = r
+    return out.reshape(x.shape)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation along the last dim: ``(..., N), (..., N) -> (...)``. NaN where a map is constant."""
+    ra, rb = rank(a), rank(b)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.pow(2).sum(-1).sqrt() * rb.pow(2).sum(-1).sqrt())
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Flow-matching velocity target ``v* = noise - x0`` (``x_t = (1 - sigma) x0 + sigma noise``)."""
+    return noise - x0

@@ -1,0 +1,1 @@
+"""Shim folder for ``custom_pipeline=``: FLUX.1 Kontext with an Inline Critic."""

@@ -1,0 +1,205 @@
+"""Inline Critic core: config validation, the shared attention math, error-map maths, weight files."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffusers_ext.critic import CriticConfig, InlineCritic, core
+from diffusers_ext.errors import EditSteerConfigError, ModelFamilyError, WeightsError
+
+FLUX = dict(arch="flux", width=32, depth=4, num_heads=2, num_double=2, context_dim=32)
+
+
+# -- config -----------------------------------------------------------------------------------------------------
+def test_config_block_modes_and_defaults():
+    cfg = CriticConfig(**FLUX, l_in=1, mode="steer")
+    assert cfg.l_c == (2,)  # l_in + a third of the remaining depth
+    assert [cfg.block_mode(i) for i in range(4)] == ["dormant", "read", "steer", "steer"]
+    assert [cfg.block_mode(i, "critique") for i in range(4)] == ["dormant", "read", "read", "read"]
+    assert {cfg.block_mode(i, "off") for i in range(4)} == {"off"}
+    assert cfg.replace(steer_start=3).block_mode(2) == "read"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(l_in=4), "past the model's depth"),
+    (dict(l_in=0, l_c=(9,)), "past the model's depth"),
+    (dict(l_in=2, l_c=(1,)), "before the insertion layer"),
+    (dict(mode="stear"), "unknown mode 'stear'"),
+    (dict(stream="image"), "not implemented"),
+    (dict(n_tokens=0), "n_tokens"),
+    (dict(steer_scale=-1.0), "steer_scale"),
+    (dict(num_heads=3), "not divisible"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(EditSteerConfigError, match=match):
+        CriticConfig(**{**FLUX, **bad})
+
+
+def test_config_round_trips_through_metadata():
+    cfg = CriticConfig(**FLUX, l_in=1, l_c=(2, 3), n_tokens=2, adapter_rank=3, base_model="x", stage=3)
+    meta = cfg.metadata()
+    assert {"arch", "base_model", "width", "depth", "l_in", "l_c", "n_c", "placement", "stage",
+            "pack_version"} <= set(meta)
+    assert CriticConfig.from_metadata(meta) == cfg
+    with pytest.raises(ModelFamilyError, match="pack_version"):
+        CriticConfig.from_metadata({**meta, "pack_version": "99"})
+    with pytest.raises(ModelFamilyError, match="not an EditSteer Inline Critic"):
+        CriticConfig.from_metadata({"format": "pt"})
+
+
+# -- attention math -----------------------------------------------------------------------------------------------
+def _qkv(b=2, s=11, h=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=g) for _ in range(3)]
+
+
+def _ref_attention(q, k, v, bias):
+    """Plain softmax attention on BSHD with an additive key bias (B|1, S)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias[:, None, None, :]
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_read_mode_hides_the_critic_and_lets_it_read_everything(grad):
+    q, k, v = _qkv()
+    start, n = 4, 2
+    with torch.set_grad_enabled(grad):
+        out = core.critic_attention(q.clone(), k.clone(), v.clone(), start=start, n_c=n, block_mode="read")
+    main = [core.drop_rows(x, start, n) for x in (q, k, v)]
+    torch.testing.assert_close(core.drop_rows(out, start, n), core.sdpa_bshd(*main, None), atol=1e-6, rtol=0)
+    # the critic's queries attend over every key (main and critic) with no bias
+    full = _ref_attention(q, k, v, torch.zeros(1, q.shape[1]))
+    torch.testing.assert_close(core.take_rows(out, start, n), core.take_rows(full, start, n), atol=1e-5, rtol=0)
+
+
+def test_steer_mode_is_joint_attention_with_a_log_scale_bias():
+    q, k, v = _qkv()
+    start, n = 4, 1
+    torch.testing.assert_close(core.critic_attention(q, k, v, start=start, n_c=n, block_mode="steer"),
+                               core.sdpa_bshd(q, k, v, None))
+    bias = torch.zeros(1, q.shape[1])
+    bias[:, start:start + n] = math.log(0.3)
+    torch.testing.assert_close(core.critic_attention(q, k, v, start=start, n_c=n, block_mode="steer", scale=0.3),
+                               _ref_attention(q, k, v, bias), atol=1e-5, rtol=0)
+    read = core.critic_attention(q.clone(), k.clone(), v.clone(), start=start, n_c=n, block_mode="read")
+    torch.testing.assert_close(core.critic_attention(q.clone(), k.clone(), v.clone(), start=start, n_c=n,
+                                                     block_mode="steer", scale=0.0), read)
+
+
+def test_key_mask_is_honoured_and_inplace_path_matches_autograd_path():
+    q, k, v = _qkv()
+    mask = torch.ones(2, q.shape[1], dtype=torch.bool)
+    mask[1, 1:3] = False
+    adapter = (torch.randn(3, 16, 2) * 0.3, torch.randn(3, 2, 16) * 0.3)
+    for mode in ("read", "dormant", "steer"):
+        for scale in (1.0, 0.5):
+            kw = dict(start=4, n_c=1, block_mode=mode, scale=scale, key_mask=mask, adapter=adapter)
+            with torch.no_grad():
+                a = core.critic_attention(q.clone(), k.clone(), v.clone(), **kw)
+            b = core.critic_attention(q.clone(), k.clone(), v.clone(), **kw)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # a masked key has no influence on the output
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 1:3] += 5
+    v2[1, 1:3] -= 5
+    for mode in ("read", "steer"):
+        a = core.critic_attention(q, k, v, start=4, n_c=1, block_mode=mode, key_mask=mask)
+        b = core.critic_attention(q, k2, v2, start=4, n_c=1, block_mode=mode, key_mask=mask)
+        torch.testing.assert_close(a[1], b[1])
+
+
+def test_dormant_rows_are_zero_and_a_new_adapter_is_the_identity():
+    q, k, v = _qkv()
+    out = core.critic_attention(q, k, v, start=4, n_c=1, block_mode="dormant")
+    assert torch.count_nonzero(out[:, 4]) == 0
+    down, up = torch.randn(3, 16, 4), torch.zeros(3, 4, 16)
+    x = torch.randn(2, 1, 2, 8)
+    assert torch.equal(core.lowrank_residual(x, down[0], up[0]), x)
+
+
+# -- error maps, ranks ----------------------------------------------------------------------------------------------
+def test_log_normalise_and_spearman():
+    e = torch.tensor([[0.0, 1.0, 3.0, 100.0], [2.0, 2.0, 2.0, 2.0]])
+    n = core.log_normalise(e)
+    torch.testing.assert_close(n.mean(-1), torch.ones(2))
+    assert n[0, 3] / n[0, 1] < 100  # the huge error is compressed
+    assert core.rank(torch.tensor([3.0, 1.0, 2.0, 2.0])).tolist() == [3.0, 0.0, 1.5, 1.5]
+    a = torch.rand(3, 50)
+    torch.testing.assert_close(core.spearman(a, a.exp()), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(core.spearman(a, -a), -torch.ones(3, dtype=torch.float64))
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    y = torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0])  # d^2 sum = 4 -> 1 - 6*4/(5*24) = 0.8
+    assert float(core.spearman(x, y)) == pytest.approx(0.8)
+    assert torch.isnan(core.spearman(x, torch.ones(5)))
+
+
+# -- weight files -------------------------------------------------------------------------------------------------
+def _critic(**kw):
+    torch.manual_seed(0)
+    return InlineCritic(CriticConfig(**{**FLUX, "l_in": 1, "adapter_rank": 2, **kw}))
+
+
+def test_save_load_round_trip(tmp_path):
+    c = _critic()
+    c.save_pretrained(tmp_path / "c")
+    assert {p.name for p in (tmp_path / "c").iterdir()} >= {"critic.safetensors", "config.json"}
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["l_in"] == 1
+    for src in (tmp_path / "c", tmp_path / "c" / "critic.safetensors", c):
+        d = InlineCritic.from_pretrained(src)
+        assert d.config == c.config
+        for (ka, a), (kb, b) in zip(c.state_dict().items(), d.state_dict().items()):
+            assert ka == kb and torch.equal(a, b)
+    with pytest.raises(WeightsError, match="no critic weights"):
+        InlineCritic.from_pretrained(tmp_path)
+    with pytest.raises(WeightsError, match="not a file, a folder"):
+        InlineCritic.from_pretrained("no-such-critic-id")
+
+
+def test_hub_layout_and_manifest_resolution_with_sha_check(tmp_path, hf_cache, monkeypatch):
+    from diffusers_ext.tiny import write_hf_cache_repo
+    from diffusers_ext.weights import entry_from_folder, write_entry
+
+    c = _critic(stage=2)
+    c.save_pretrained(tmp_path / "src")
+    write_hf_cache_repo(hf_cache, "editsteer-test/tiny-critic", tmp_path / "src")
+    assert InlineCritic.from_pretrained("editsteer-test/tiny-critic").config == c.config  # offline, from the cache
+    with pytest.raises(WeightsError, match="Hub repo"):
+        InlineCritic.from_pretrained("editsteer-test/missing-critic")
+
+    store = tmp_path / "store" / "tiny-critic"
+    c._save_pretrained(store)
+    art = entry_from_folder(store, id="tiny-critic", description="t", kind="folder", base_model="flux-kontext",
+                            license="apache-2.0", repo_id="editsteer/tiny-critic",
+                            include=("critic.safetensors", "config.json"))
+    write_entry(art, tmp_path / "manifest")
+    monkeypatch.setenv("EDITSTEER_MANIFEST_DIR", str(tmp_path / "manifest"))
+    monkeypatch.setenv("EDITSTEER_WEIGHTS_DIR", str(tmp_path / "store"))
+    assert InlineCritic.from_pretrained("tiny-critic").config == c.config
+    data = bytearray((store / "critic.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a tensor
+    (store / "critic.safetensors").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256|no valid copy"):
+        InlineCritic.from_pretrained("tiny-critic")
+
+
+def test_compatibility_check_names_the_mismatch():
+    c = _critic()
+    desc = dict(arch="flux", **{k: FLUX[k] for k in ("width", "depth", "num_heads", "num_double", "context_dim")},
+                **{"class": "FluxTransformer2DModel"})
+    c.check_compatible(desc)
+    with pytest.raises(ModelFamilyError, match="'flux' family.*'qwen-image'"):
+        c.check_compatible({**desc, "arch": "qwen-image", "class": "QwenImageTransformer2DModel"})
+    with pytest.raises(ModelFamilyError, match="width=32.*width=3072"):
+        c.check_compatible({**desc, "width": 3072})
+
+
+def test_critique_head_reads_image_and_critic_states():
+    c = _critic()
+    h, cr = torch.randn(2, 16, 32), torch.randn(2, 1, 32)
+    e = c.critique(2, h, cr)
+    assert e.shape == (2, 16) and e.dtype == torch.float32
+    e.sum().backward()
+    assert c.heads["2"].in_h.weight.grad is not None and c.heads["2"].in_c.weight.grad is not None
+    assert not torch.equal(c.critique(2, h, cr + 1), e.detach())

@@ -1,0 +1,97 @@
+"""The Inline Critic's commands on a tiny editor: probe diagnostic, three-stage training (resumable), bench."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from fixtures_critic import critic_editor_dir, critic_folder  # noqa: F401  (fixtures)
+
+from diffusers_ext.critic import InlineCritic
+
+
+def _args(module, argv):
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args([str(a) for a in argv])
+
+
+def test_probe_command_on_a_tiny_editor(critic_editor_dir, tmp_path):
+    from diffusers_ext.critic import probe
+
+    out = tmp_path / "probe"
+    assert probe.run(_args(probe, ["--model", critic_editor_dir, "--cases", 4, "--batch-size", 4,
+                                   "--out", out])) == 0
+    res = json.loads((out / "probe.json").read_text())
+    assert res["depth"] == 4 and len(res["rho_mean"]) == 4 and len(res["rho_by_sigma"]) == 2
+    assert res["rho_mean"][-1] == pytest.approx(1.0)  # the last block's read-out is the model output itself
+    assert all(-1 <= r <= 1 for r in res["rho_mean"]) and 0 <= res["suggested_l_in"] < 4
+    assert (out / "probe.png").stat().st_size > 0
+
+
+TRAIN = ["--steps1", 3, "--steps2", 3, "--steps3", 3, "--cases", 8, "--val-cases", 4, "--batch-size", 2,
+         "--save-every", 2, "--log-every", 100, "--adapter-rank", 2, "--l-in", 1, "--threads", 1]
+
+
+def test_three_stage_training_resumes_exactly_and_exports(critic_editor_dir, tmp_path, monkeypatch):
+    from diffusers_ext.critic import train
+
+    common = ["--model", critic_editor_dir, *TRAIN]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train.run(_args(train, [*common, "--out", full])) == 0
+    log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log if "loss" in r} == {1, 2, 3}
+    assert all("l_fm" in r and "l_crit" in r for r in log if r.get("stage") == 3 and "loss" in r)
+    summary = json.loads((full / "summary.json").read_text())
+    assert len(summary["probe_curve"]["trained_probes"]) == 4
+    assert summary["stage2_val"]["fm"] == summary["stage2_val"]["fm_off"]  # stage 2 never changes the output
+    critic = InlineCritic.from_pretrained(full / "critic")
+    assert critic.config.stage == 3 and critic.config.mode == "steer" and critic.config.l_in == 1
+
+    # interrupted twice (mid stage 2, mid stage 3), resumed: the same critic, bit for bit
+    assert train.run(_args(train, [*common, "--out", cut, "--stop-after", 5])) == 0
+    assert json.loads((cut / "checkpoints" / "latest" / "state.json").read_text())["stage"] == 2
+    assert train.run(_args(train, [*common, "--out", cut, "--resume", "--stop-after", 2])) == 0
+    monkeypatch.setenv("EDITSTEER_MANIFEST_DIR", str(tmp_path / "manifest"))
+    assert train.run(_args(train, [*common, "--out", cut, "--resume", "--export", tmp_path / "x" / "my-critic",
+                                   "--register", "my-critic"])) == 0
+    a = InlineCritic.from_pretrained(full / "critic").state_dict()
+    b = InlineCritic.from_pretrained(cut / "critic").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # --export/--register wrote a bundled-style folder and a manifest entry the resolver verifies
+    from diffusers_ext.weights import load_manifest
+
+    art = load_manifest()["my-critic"]
+    assert {f.path for f in art.files} == {"critic.safetensors", "config.json", "README.md", "training.json"}
+    assert art.extra["training"]["stages"] == [1, 2, 3] and art.status == "unpublished"
+    assert art.produced_by.startswith("editsteer train critic") and art.bundled_path == "my-critic"
+    monkeypatch.setenv("EDITSTEER_WEIGHTS_DIR", str(tmp_path / "x"))
+    assert InlineCritic.from_pretrained("my-critic").config == critic.config
+
+
+def test_bench_critic_method_runs_in_the_harness(critic_editor_dir, critic_folder, tmp_path):
+    from diffusers_ext.bench import harness
+    from diffusers_ext.critic.bench import CriticMethod
+
+    args = _args(CriticMethod, ["--model", critic_editor_dir, "--weights", critic_folder])
+    res = harness.run(CriticMethod(args), cases=2, seed=0, out=tmp_path / "bench", progress=False)
+    assert res["method"] == "critic" and res["settings"]["mode"] == "steer" and res["nfe_mean"] == 2
+    case = res["per_case"][0]
+    assert (tmp_path / "bench" / "cases" / case["id"] / "error_map.png").is_file()
+    assert "critic_error_in_mask" in case
+
+
+def test_max_minutes_time_box_ends_every_stage_early_with_a_usable_critic(critic_editor_dir, tmp_path):
+    from diffusers_ext.critic import train
+
+    out = tmp_path / "boxed"
+    argv = ["--model", critic_editor_dir, *TRAIN, "--steps1", 500, "--steps2", 500, "--steps3", 500,
+            "--max-minutes", 1e-6, "--out", out]
+    assert train.run(_args(train, argv)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == {"1": 1, "2": 1, "3": 1}  # each stage: one step, then its share is spent
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum("time box" in r.get("event", "") for r in log) == 3
+    critic = InlineCritic.from_pretrained(out / "critic")
+    assert critic.config.stage == 3 and critic.config.mode == "steer"
