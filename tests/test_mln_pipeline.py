@@ -1,6 +1,8 @@
 """The MLN pipeline on a tiny untrained Switti: parity with plain sampling, anchoring, masks, bad inputs, the
 custom_pipeline shim."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,18 @@ def test_runs_in_bfloat16():
     out = bf(random_image(), PS, PT, config=tiny_mln_config(), output_type="np")
     assert bf.transformer.dtype == torch.bfloat16 and np.isfinite(out.images).all()
     assert out.images.shape == (1, 16, 16, 3) and out.info["mask_source"] == "auto"
+
+
+def test_pack_shims_have_unique_file_names():
+    """diffusers imports a local shim as diffusers_modules.local.<file name>, so two shims both called pipeline.py
+    collide in one process (the suite loads the MLN and critic shims in one process through from_pretrained)."""
+    import runpy
+
+    from diffusers_ext.critic import shim_path as critic_shim
+    from diffusers_ext.mln import shim_path as mln_shim
+
+    files = [Path(mln_shim()), critic_shim("kontext"), critic_shim("qwen")]
+    assert len({f.name for f in files}) == 3 and all(f.name != "pipeline.py" for f in files)
+    wanted = ["MLNPipeline", "InlineCriticKontextPipeline", "InlineCriticQwenEditPipeline"]
+    for f, cls in zip(files, wanted):
+        assert cls in runpy.run_path(str(f)), (f, cls)
