@@ -89,7 +89,7 @@ class EditSteerToyCase(io.ComfyNode):
             inputs=[
                 io.Combo.Input("split", options=["heldout", "train"], default="heldout",
                                tooltip="heldout: edit combinations the toy editor never saw in training."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="World seed: picks the scenes and edits of this stream of cases."),
                 io.Int.Input("index", default=0, min=0, max=2**31 - 1, tooltip="Case number within the stream."),
             ],
