@@ -79,7 +79,8 @@ def _to_bshd(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
 
 
 def _from_bshd(t: torch.Tensor, skip_reshape: bool) -> torch.Tensor:
-    return t.transpose(1, 2) if skip_reshape else t.flatten(2)
+    # contiguous, as the model's own tensors are: the kernel then runs exactly as without the critic
+    return t.transpose(1, 2).contiguous() if skip_reshape else t.flatten(2).contiguous()
 
 
 @dataclass
