@@ -101,13 +101,15 @@ class CriticRecorder:
         self.runs += 1
 
     def mean_map(self) -> torch.Tensor | None:
-        """``(B, h, w)``: the conditional maps averaged over the denoising steps (the diffusers pipelines' map)."""
+        """``(B, h, w)``: the conditional maps averaged over the denoising steps (the diffusers pipelines' map).
+
+        Only the steps that ran the final batch count: after a VeriLatent search, the chosen candidates' last
+        ``T - k`` steps (the early steps ran every candidate as one batch)."""
         maps = [r.error_map for r in self.records]
         if not maps:
             return None
-        shape = maps[0].shape
-        maps = [m for m in maps if m.shape == shape]
-        return torch.stack(maps).mean(0)
+        shape = maps[-1].shape
+        return torch.stack([m for m in maps if m.shape == shape]).mean(0)
 
 
 @dataclass

@@ -231,13 +231,28 @@ def test_error_map_without_a_critic_says_what_to_connect(toy):
         EditSteerCriticErrorMap.execute(toy.model, torch.zeros(1, 32, 32, 3), 0.5)
 
 
-def test_missing_critic_offline_names_what_was_searched(comfy):
+def test_missing_critic_offline_names_what_was_searched(comfy, tmp_path, monkeypatch):
+    """A published critic that is nowhere on this machine, offline: the error names the artifact, the Hub repo,
+    the ComfyUI models folder that was searched and why nothing was downloaded."""
+    import json
+
     from comfy_nodes.nodes_critic import EditSteerCriticLoader
     from diffusers_ext.errors import WeightsError
 
+    entry = {"id": "test-missing-critic", "description": "a critic nobody has", "kind": "safetensors",
+             "base_model": "flux-kontext", "license": "apache-2.0", "status": "published",
+             "repo_id": "editsteer/test-missing-critic", "revision": "0" * 40,
+             "files": [{"path": "critic.safetensors", "sha256": "0" * 64, "size": 10}]}
+    (tmp_path / "test-missing-critic.json").write_text(json.dumps(entry))
+    monkeypatch.setenv("EDITSTEER_MANIFEST_DIR", str(tmp_path))
     with pytest.raises(WeightsError) as e:
+        EditSteerCriticLoader.execute("test-missing-critic", False)
+    msg = str(e.value)
+    assert "test-missing-critic" in msg and "editsteer/test-missing-critic" in msg
+    assert str(comfy.base / "models" / "editsteer") in msg  # ComfyUI's folder, registered at import
+    assert "HF_HUB_OFFLINE" in msg or "not allowed" in msg
+    with pytest.raises(WeightsError, match="editsteer/no-such-critic"):
         EditSteerCriticLoader.execute("editsteer/no-such-critic", False)
-    assert "editsteer/no-such-critic" in str(e.value)
 
 
 def test_patch_survives_cloning_and_shares_the_critic(toy, critic):

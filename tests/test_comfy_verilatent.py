@@ -75,6 +75,22 @@ def test_chosen_seed_reproduces_with_a_plain_sampler(comfy, toy_editor_ref):
     assert maps.ndim == 4 and maps.shape[-1] == 3 and maps.shape[2] > maps.shape[1]  # a row of map tiles
 
 
+def test_a_mask_replaces_the_consensus_region(comfy, toy_editor_ref):
+    import json
+
+    g = _search_graph(candidates=4, budget=4)
+    n = {x.type: x for x in g.nodes}
+    n["EditSteerVeriLatentSampler"].inputs["mask"] = n["EditSteerToyCase"][3]
+    api, r = _run(comfy, toy_editor_ref, g)
+    assert r.success, r.error
+    report = json.loads(r.output(node_id(api, "EditSteerVeriLatentReport"), 2))
+    from diffusers_ext.toy import world
+
+    mask = world.make_case("heldout", seed=0, index=0).mask.astype("float32")
+    assert report["region_kind"] == "mask"
+    assert report["region_coverage"] == pytest.approx(float(mask.mean()), abs=1e-6)
+
+
 def test_budget_one_is_the_plain_sampler_bit_for_bit(comfy, toy_editor_ref):
     api, r = _run(comfy, toy_editor_ref, _search_graph(candidates=1, budget=1, top_m=1, seed=2))
     assert r.success, r.error
