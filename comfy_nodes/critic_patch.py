@@ -56,7 +56,8 @@ def describe_model(model_patcher) -> dict:
     dm = getattr(base, "diffusion_model", None)
     name = type(dm).__name__ if dm is not None else type(base).__name__
     if dm is not None and isinstance(dm, _flux_class()) and hasattr(dm, "double_blocks"):
-        return {"arch": "flux", "class": f"ComfyUI {name}", "width": int(dm.hidden_size), "num_heads": int(dm.num_heads),
+        return {"arch": "flux", "class": f"ComfyUI {name}", "width": int(dm.hidden_size),
+                "num_heads": int(dm.num_heads),
                 "num_double": len(dm.double_blocks), "depth": len(dm.double_blocks) + len(dm.single_blocks),
                 "context_dim": int(dm.txt_in.in_features), "patch_size": int(dm.patch_size)}
     if dm is not None and isinstance(dm, _qwen_class()):

@@ -94,7 +94,8 @@ def build_model_patcher(transformer, *, sampling_shift: float, latent_format: To
     weight_dtype = next(iter(sd.values())).dtype
     if dtype is None:
         n = sum(v.numel() for v in sd.values())
-        dtype = mm.unet_dtype(model_params=n, supported_dtypes=cfg.supported_inference_dtypes, weight_dtype=weight_dtype)
+        dtype = mm.unet_dtype(model_params=n, supported_dtypes=cfg.supported_inference_dtypes,
+                              weight_dtype=weight_dtype)
     cfg.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, cfg.supported_inference_dtypes))
     model = cfg.get_model(sd, "", device=offload_device)
     expected = set(model.diffusion_model.state_dict())

@@ -8,6 +8,8 @@ Import what you use explicitly::
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,23 @@ def comfy_qwen_from_diffusers(transformer):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+#: Cross-backend numbers measured by the tests (relative errors), written to ``$EDITSTEER_PARITY_OUT`` when set:
+#: ``EDITSTEER_PARITY_OUT=parity.json <ComfyUI test command> tests/test_comfy_*.py``.
+PARITY: dict[str, float] = {}
+
+
+def record(name: str, value: float) -> float:
+    PARITY[name] = float(value)
+    return float(value)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def parity_report():
+    yield PARITY
+    out = os.environ.get("EDITSTEER_PARITY_OUT")
+    if out and PARITY:
+        p = Path(out)
+        old = json.loads(p.read_text()) if p.is_file() else {}
+        p.write_text(json.dumps({**old, **PARITY}, indent=1, sort_keys=True) + "\n")

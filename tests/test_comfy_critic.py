@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 from comfy_harness import comfy, requires_comfyui  # noqa: F401
-from fixtures_comfy import (comfy_qwen_from_diffusers, comfy_velocity, node_id, prepare_toy_api,  # noqa: F401
-                            random_critic, rel_err, toy_critic_ref, toy_editor_ref)
+from fixtures_comfy import (comfy_qwen_from_diffusers, comfy_velocity, node_id, parity_report,  # noqa: F401
+                            prepare_toy_api, random_critic, record, rel_err, toy_critic_ref, toy_editor_ref)
 from fixtures_comfy_workflows import Graph, read_workflow, toy_edit
 
 pytestmark = requires_comfyui
@@ -67,10 +67,10 @@ def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic):
             if patch is not None:
                 patch.recorder.reset()
             vc = comfy_velocity(m, x, sigma, seq, y=pooled, ref_latents=[ref])
-            assert rel_err(vc, v) < 1e-4, mode
+            assert record(f"critic flux {mode}: velocity (rel)", rel_err(vc, v)) < 1e-4, mode
             if mode != "off":
                 want = handle.last_call.error_map().reshape(2, 8, 8)
-                assert rel_err(patch.recorder.mean_map(), want) < 1e-4, mode
+                assert record(f"critic flux {mode}: error map (rel)", rel_err(patch.recorder.mean_map(), want)) < 1e-4
             results[mode] = vc
     finally:
         remove_inline_critic(pipe.transformer)
@@ -108,10 +108,10 @@ def test_qwen_parity_with_the_diffusers_adapter(comfy):
             if patch is not None:
                 patch.recorder.reset()
             vc = comfy_velocity(m, x[:, :, None], sigma, seq, ref_latents=[ref[:, :, None]])[:, :, 0]
-            assert rel_err(vc, unpack_latents(v, h, w)) < 1e-4, mode
+            assert record(f"critic qwen {mode}: velocity (rel)", rel_err(vc, unpack_latents(v, h, w))) < 1e-4, mode
             if mode != "off":
                 want = handle.last_call.error_map().reshape(b, h // 2, w // 2)
-                assert rel_err(patch.recorder.mean_map(), want) < 1e-4, mode
+                assert record(f"critic qwen {mode}: error map (rel)", rel_err(patch.recorder.mean_map(), want)) < 1e-4
     finally:
         remove_inline_critic(t)
 
@@ -193,11 +193,12 @@ def test_error_map_node_matches_the_diffusers_pipeline(comfy, toy_editor_ref, to
     finally:
         pipe.unload_critic()
     edited = r.output(node_id(api, "VAEDecode", 1), 0)
-    assert (edited - out.images.permute(0, 2, 3, 1)).abs().max() < 1e-3
+    d = (edited - out.images.permute(0, 2, 3, 1)).abs().max()
+    assert record("critic steer 8-step sampling, image (max abs)", d) < 1e-3
     from comfy_nodes.critic_patch import installed
 
     recorded = installed(r.output(node_id(api, "EditSteerApplyCritic"), 0)).recorder.mean_map()
-    assert rel_err(recorded, out.error_maps) < 1e-4
+    assert record("critic steer 8-step sampling, error map (rel)", rel_err(recorded, out.error_maps)) < 1e-4
 
 
 def test_wrong_family_critic_is_a_node_error_and_the_queue_goes_on(comfy, toy_editor_ref, toy_critic_ref):

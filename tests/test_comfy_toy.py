@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from comfy_harness import comfy, comfy_server, requires_comfyui  # noqa: F401
-from fixtures_comfy import (TOY_ID, comfy_velocity, node_id, prepare_toy_api, rel_err,  # noqa: F401
-                            toy_editor_ref)
+from fixtures_comfy import (TOY_ID, comfy_velocity, node_id, parity_report, prepare_toy_api, record,  # noqa: F401
+                            rel_err, toy_editor_ref)
 from fixtures_comfy_workflows import read_workflow
 
 pytestmark = requires_comfyui
@@ -66,7 +66,7 @@ def test_velocity_parity_with_diffusers(toy, pipe):
                              encoder_hidden_states=seq, pooled_projections=pooled, timestep=sigma,
                              img_ids=torch.cat([ids, ref_ids]), txt_ids=torch.zeros(seq.shape[1], 3),
                              return_dict=False)[0][:, :64]
-    assert rel_err(v_comfy, unpack_latents(v, 16, 16)) < 1e-4
+    assert record("toy velocity (rel)", rel_err(v_comfy, unpack_latents(v, 16, 16))) < 1e-4
 
 
 def _run_toy(comfy, toy_editor_ref, seed=0, index=0):
@@ -96,8 +96,8 @@ def test_comfyui_sampling_equals_the_diffusers_pipeline(comfy, toy_editor_ref, p
                    output_type="latent", **kw).images
         z = unpack_latents(out, 16, 16) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         img = pipe.image_processor.postprocess(pipe.vae.decode(z).sample, output_type="pt")
-    assert rel_err(latent, z) < 1e-4
-    assert (image - img.permute(0, 2, 3, 1)).abs().max() < 1e-3
+    assert record("toy 8-step sampling, final latent (rel)", rel_err(latent, z)) < 1e-4
+    assert record("toy 8-step sampling, decoded image (max abs)", (image - img.permute(0, 2, 3, 1)).abs().max()) < 1e-3
 
 
 def test_toy_workflow_runs_headless(comfy, toy_editor_ref):

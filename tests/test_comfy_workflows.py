@@ -13,6 +13,7 @@ import os
 
 import pytest
 from comfy_harness import comfy, comfy_server, requires_comfyui  # noqa: F401
+from fixtures_comfy import toy_critic_ref, toy_editor_ref  # noqa: F401
 from fixtures_comfy_workflows import (API_DIR, IMAGES_DIR, TOY_WORKFLOWS, WORKFLOWS, WORKFLOWS_DIR, Graph,
                                       input_specs, load_defs, read_workflow, render_png, snapshot_defs, strip_meta,
                                       to_ui, ui_to_api, validate_api, validate_ui, workflow_files)
@@ -129,3 +130,49 @@ def test_comfyui_validates_the_api_form(comfy, name):
                 raise AssertionError(f"{name}: node {nid}: {item}")
     if name in TOY_WORKFLOWS:
         assert ok, (err, node_errors)
+
+
+@requires_comfyui
+@pytest.mark.skipif(not WRITE, reason="writes workflows/images/editsteer_toy_outputs.png; only with "
+                                      "EDITSTEER_WRITE_WORKFLOWS=1")
+def test_write_toy_outputs_picture(comfy, toy_editor_ref, toy_critic_ref):
+    """The README picture of what the toy workflows produce (three held-out cases)."""
+    import numpy as np
+    from fixtures_comfy import node_id, prepare_toy_api
+    from PIL import Image, ImageDraw
+
+    def u8(t):
+        return (t[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+    def big(a, s=4):
+        return np.kron(a, np.ones((s, s, 1), dtype=np.uint8))
+
+    rows = []
+    for index in range(3):
+        _, plain = read_workflow("editsteer_toy_edit")
+        plain = prepare_toy_api(plain, toy_editor_ref)
+        plain[node_id(plain, "EditSteerToyCase")]["inputs"]["index"] = index
+        r0 = comfy.run_prompt(plain)
+        _, stacked = read_workflow("editsteer_toy_critic_verilatent")
+        stacked = prepare_toy_api(stacked, toy_editor_ref, toy_critic_ref)
+        stacked[node_id(stacked, "EditSteerToyCase")]["inputs"]["index"] = index
+        r1 = comfy.run_prompt(stacked)
+        assert r0.success and r1.success, (r0.error, r1.error)
+        case = node_id(stacked, "EditSteerToyCase")
+        tiles = [r1.output(case, 0), r0.output(node_id(plain, "VAEDecode"), 0),
+                 r1.output(node_id(stacked, "VAEDecode"), 0), r1.output(case, 2),
+                 r1.output(node_id(stacked, "EditSteerCriticErrorMap"), 1)]
+        row = np.concatenate([np.pad(big(u8(t)), ((4, 4), (4, 4), (0, 0)), constant_values=32) for t in tiles], 1)
+        rows.append((row, r1.output(case, 1), r1.output(node_id(stacked, "EditSteerVeriLatentReport"), 0)))
+    width = rows[0][0].shape[1]
+    canvas = Image.new("RGB", (width, 24 + sum(r.shape[0] + 20 for r, _, _ in rows)), (32, 32, 36))
+    dr = ImageDraw.Draw(canvas)
+    heads = ["source", "toy editor", "+ critic + VeriLatent", "exact target", "critic error map"]
+    for i, h in enumerate(heads):
+        dr.text((i * (width // len(heads)) + 6, 6), h, fill=(230, 230, 230))
+    y = 24
+    for row, instruction, nfe in rows:
+        dr.text((6, y), f"{instruction}   (search NFE {nfe})", fill=(200, 220, 200))
+        canvas.paste(Image.fromarray(row), (0, y + 16))
+        y += row.shape[0] + 20
+    canvas.save(IMAGES_DIR / "editsteer_toy_outputs.png", optimize=True)

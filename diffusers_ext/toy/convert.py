@@ -1,4 +1,4 @@
-"""What a second backend needs to run a diffusers FLUX.1-Kontext-class editor (the toy editor) exactly as diffusers does.
+"""What a second backend needs to run a diffusers FLUX.1-Kontext-class editor (the toy editor) as diffusers does.
 
 ComfyUI's checkpoint detection hard-codes FLUX.1's widths, so a toy-sized editor cannot go through its
 ``UNETLoader``; the ComfyUI loader node builds the model itself from the numbers computed here. Everything in this
