@@ -123,6 +123,12 @@ def comfy_qwen_from_diffusers(transformer):
             "axes_dims_rope": tuple(c.axes_dims_rope)}
     cfg = comfy.supported_models.QwenImage(unet)
     cfg.set_inference_dtype(torch.float32, None)
+    if c.out_channels != cfg.latent_format.latent_channels:  # a tiny VAE: identity scaling, video-shaped latents
+        import comfy.latent_formats
+
+        fmt = comfy.latent_formats.LatentFormat()
+        fmt.latent_channels, fmt.latent_dimensions = c.out_channels, 3
+        cfg.latent_format = fmt
     model = cfg.get_model({}, "")
     missing, unexpected = model.diffusion_model.load_state_dict(transformer.state_dict(), strict=True)
     assert not missing and not unexpected

@@ -177,6 +177,36 @@ def test_stacked_critic_and_search_workflow(comfy, toy_editor_ref, toy_critic_re
     assert (_latent(r, api) - _latent(r2, plain)).abs().max() < 1e-5
 
 
+def test_search_on_a_qwen_image_model(comfy):
+    """The same SAMPLER on ComfyUI's Qwen-Image class (video-shaped latents, reference latent from the conditioning,
+    true CFG with a negative): the chosen candidate equals a plain euler run of its seed."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_nodes.search_sampler import VeriLatentSampler
+    from diffusers_ext.tiny import random_qwen_prompt_embeds, tiny_qwen_edit_pipeline
+    from diffusers_ext.verilatent import VeriLatentConfig
+    from fixtures_comfy import comfy_qwen_from_diffusers
+
+    model = comfy_qwen_from_diffusers(tiny_qwen_edit_pipeline().transformer)
+    seq, _ = random_qwen_prompt_embeds(2, 7, 16)
+    src = torch.randn(1, 4, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([[seq[:1], {"reference_latents": [src]}]], [[seq[1:], {"reference_latents": [src]}]])
+    guider.set_cfg(2.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 6)
+    latent = torch.zeros_like(src)
+    sampler = VeriLatentSampler(comfy.samplers.sampler_object("euler"), VeriLatentConfig(n0=3, k=2))
+    out = guider.sample(comfy.sample.prepare_noise(latent, 7), latent, sampler, sigmas, seed=7)
+    report = sampler.log.report
+    assert report.seeds == [7, 8, 9] and report.passes_per_step == 2 and report.nfe == (3 * 2 + 4) * 2
+    assert report.grid == (4, 6)
+    seed = report.chosen_seeds[0]
+    plain = guider.sample(comfy.sample.prepare_noise(latent, seed), latent, comfy.samplers.sampler_object("euler"),
+                          sigmas, seed=seed)
+    assert out.shape == plain.shape == (1, 4, 1, 8, 12)
+    assert (out - plain).abs().max() < 1e-5
+
+
 def test_progress_and_previews_during_the_search(comfy, toy_editor_ref):
     import comfy.utils as comfy_utils
     from comfy.cli_args import LatentPreviewMethod, args
