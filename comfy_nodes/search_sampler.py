@@ -79,6 +79,8 @@ class SearchLog:
         if r.interrupted:
             return "VeriLatent was interrupted"
         seeds = r.chosen_seeds
+        if r.candidates == 1:
+            return f"budget 1 (the plain sampler): seed {seeds[0]}, NFE {r.nfe}"
         return (f"chosen seed {seeds[0] if seeds else '?'} of {r.candidates} candidates in {r.rounds} round(s) "
                 f"(sizes {r.round_sizes}); NFE {r.nfe}; difficulty {r.bucket}; region {r.region_kind} "
                 f"({r.region_coverage:.0%} of the image)")

@@ -116,6 +116,30 @@ def test_qwen_parity_with_the_diffusers_adapter(comfy):
         remove_inline_critic(t)
 
 
+def test_qwen_sampling_with_cfg_records_the_conditional_maps(comfy):
+    """KSampler-style sampling with true CFG batches cond and uncond rows; the map is the conditional rows'."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_nodes.critic_patch import apply_critic
+    from diffusers_ext.tiny import random_qwen_prompt_embeds, tiny_qwen_edit_pipeline
+
+    t = tiny_qwen_edit_pipeline().transformer
+    model, patch = apply_critic(comfy_qwen_from_diffusers(t), random_critic(t, seed=2), mode="steer")
+    seq, _ = random_qwen_prompt_embeds(2, 7, 16)
+    src = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros_like(src)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 4)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([[seq[:1], {"reference_latents": [src]}]], [[seq[1:], {"reference_latents": [src]}]])
+    guider.set_cfg(2.5)
+    out = guider.sample(comfy.sample.prepare_noise(latent, 0), latent, comfy.samplers.sampler_object("euler"), sigmas,
+                        seed=0)
+    assert torch.isfinite(out).all()
+    records = patch.recorder.records
+    assert len(records) == 4 and all(r.error_map.shape == (1, 4, 4) for r in records)
+    assert [round(r.sigma, 6) for r in records] == [round(float(s), 6) for s in sigmas[:-1]]
+
+
 def _critic_graph(critic_ref: str, mode: str = "steer", strength: float = 1.0) -> Graph:
     """The toy edit with a second, critic-patched branch sampling the same edit in the same prompt."""
     g = toy_edit()
