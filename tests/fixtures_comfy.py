@@ -44,8 +44,11 @@ def build_standin_editor(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def toy_editor_ref(tmp_path_factory) -> str:
-    """What the toy workflows' ``editor`` input should hold here: the trained toy editor's id when it resolves,
-    else the folder of a tiny random stand-in of the same classes."""
+    """What the toy workflows' ``editor`` input should hold here: ``$EDITSTEER_TOY_EDITOR`` (a toy editor folder) when
+    set, else the trained toy editor's id when it resolves, else the folder of a tiny random stand-in of the same
+    classes."""
+    if os.environ.get("EDITSTEER_TOY_EDITOR"):
+        return os.environ["EDITSTEER_TOY_EDITOR"]
     if _resolves(TOY_ID):
         return TOY_ID
     return str(build_standin_editor(tmp_path_factory.mktemp("toy-standin") / "pipeline"))
