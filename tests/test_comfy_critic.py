@@ -38,7 +38,8 @@ def critic(pipe, toy_critic_ref, comfy):
     return EditSteerCriticLoader.execute(toy_critic_ref, False)[0]
 
 
-def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic):
+@pytest.mark.parametrize("variant", ["loaded", "l_in in a single block, 2 tokens"])
+def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic, variant):
     """Velocity and error map of ComfyUI's patched Flux equal the diffusers processors' in every mode (1e-4)."""
     from comfy_nodes.critic_patch import apply_critic
     from diffusers_ext.critic import apply_inline_critic, remove_inline_critic
@@ -52,6 +53,11 @@ def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic):
     ids = pipe._prepare_latent_image_ids(2, 8, 8, torch.device("cpu"), torch.float32)
     ref_ids = ids.clone()
     ref_ids[:, 0] = 1
+    if variant != "loaded":
+        n_double = len(pipe.transformer.transformer_blocks)
+        depth = n_double + len(pipe.transformer.single_transformer_blocks)
+        critic = random_critic(pipe.transformer, seed=3, l_in=n_double, l_c=(depth - 1,), n_tokens=2,
+                               steer_start=n_double)
     handle = apply_inline_critic(pipe.transformer, critic, mode="off")
     try:
         results = {}
@@ -67,10 +73,12 @@ def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic):
             if patch is not None:
                 patch.recorder.reset()
             vc = comfy_velocity(m, x, sigma, seq, y=pooled, ref_latents=[ref])
-            assert record(f"critic flux {mode}: velocity (rel)", rel_err(vc, v)) < 1e-4, mode
+            tag = "" if variant == "loaded" else f" ({variant})"
+            assert record(f"critic flux {mode}{tag}: velocity (rel)", rel_err(vc, v)) < 1e-4, mode
             if mode != "off":
                 want = handle.last_call.error_map().reshape(2, 8, 8)
-                assert record(f"critic flux {mode}: error map (rel)", rel_err(patch.recorder.mean_map(), want)) < 1e-4
+                err = rel_err(patch.recorder.mean_map(), want)
+                assert record(f"critic flux {mode}{tag}: error map (rel)", err) < 1e-4
             results[mode] = vc
     finally:
         remove_inline_critic(pipe.transformer)
