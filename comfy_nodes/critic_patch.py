@@ -322,4 +322,6 @@ def apply_critic(model_patcher, critic, mode: str = "steer", scale: float | None
     wp = comfy.patcher_extension.WrappersMP
     m.add_wrapper_with_key(wp.DIFFUSION_MODEL, WRAPPER_KEY, patch.diffusion_model_wrapper)
     m.add_wrapper_with_key(wp.OUTER_SAMPLE, WRAPPER_KEY, patch.on_outer_sample)
+    logger.info("EditSteer: Inline Critic (%s, l_in %d, l_c %s) applied to a %s in %s mode, strength %g",
+                critic.config.arch, critic.config.l_in, list(critic.config.l_c), desc["class"], mode, scale)
     return m, patch

@@ -184,4 +184,7 @@ def load_toy_for_comfy(editor: str = "toy-kontext-editor", *, allow_download: bo
     vae = build_vae(pipe.vae, scale_factor=vae_scale)
     pipe.transformer = None  # the MODEL holds its own copy; the pipeline keeps only its text encoders
     pipe.vae = None
+    logger.info("EditSteer: toy editor loaded from %s (ComfyUI Flux, %d+%d blocks, width %d)", where,
+                len(model.model.diffusion_model.double_blocks), len(model.model.diffusion_model.single_blocks),
+                model.model.diffusion_model.hidden_size)
     return ToyComfy(model, vae, ToyTextEncoder(pipe, settings["max_sequence_length"]), settings, where)

@@ -7,15 +7,12 @@ is never modified, so an un-critiqued branch of the same graph keeps running the
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
 import torch
 
 from comfy_api.latest import io
-
-logger = logging.getLogger("EditSteer")
 
 CATEGORY = "EditSteer/Critic"
 Critic = io.Custom("EDITSTEER_CRITIC")
