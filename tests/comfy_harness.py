@@ -166,6 +166,8 @@ def comfy(tmp_path_factory) -> ComfyEnv:
     folder_paths.set_output_directory(str(base / "output"))
     folder_paths.set_temp_directory(str(base / "temp"))
     folder_paths.add_model_folder_path("editsteer", str(base / "models" / "editsteer"), is_default=True)
+    import utils.extra_config  # noqa: F401  as main.py does: nodes.py puts comfy/ first on sys.path, whose utils.py
+    # would otherwise shadow ComfyUI's utils package and make comfy_extras/nodes_images.py (ImageStitch...) fail
     import execution
     import nodes
 
