@@ -66,13 +66,14 @@ class Graph:
     title: str
     nodes: list[Node] = field(default_factory=list)
 
-    def node(self, type_: str, *, title: str | None = None, color: str | None = None, **inputs) -> Node:
-        n = Node(len(self.nodes) + 1, type_, inputs, title, color)
+    def node(self, type_: str, *, title: str | None = None, node_color: str | None = None, **inputs) -> Node:
+        """Add a node; ``inputs`` are its inputs (``color`` too: EmptyImage has one), ``node_color`` its UI colour."""
+        n = Node(len(self.nodes) + 1, type_, inputs, title, node_color)
         self.nodes.append(n)
         return n
 
     def note(self, text: str, title: str = "Read me") -> Node:
-        return self.node("MarkdownNote", title=title, color="#432", text=text)
+        return self.node("MarkdownNote", title=title, node_color="#432", text=text)
 
     def api(self) -> dict:
         """The API ("prompt") form: every executable node, links as ``["<id>", slot]``."""
@@ -154,7 +155,7 @@ def _kontext_inputs(g: Graph, prompt: str):
     image = g.node("LoadImage", image="example.png")
     scaled = g.node("FluxKontextImageScale", image=image[0])
     src = g.node("VAEEncode", pixels=scaled[0], vae=vae[0])
-    text = g.node("CLIPTextEncode", title="Edit instruction", color="#232", text=prompt, clip=clip[0])
+    text = g.node("CLIPTextEncode", title="Edit instruction", node_color="#232", text=prompt, clip=clip[0])
     ref = g.node("ReferenceLatent", conditioning=text[0], latent=src[0])
     pos = g.node("FluxGuidance", conditioning=ref[0], guidance=2.5)
     return unet, vae, text, src, pos
@@ -216,9 +217,9 @@ def qwen_edit_critic() -> Graph:
     vae = g.node("VAELoader", vae_name="qwen_image_vae.safetensors")
     image = g.node("LoadImage", image="example.png")
     scaled = g.node("ImageScaleToTotalPixels", image=image[0], upscale_method="lanczos", megapixels=1.0)
-    pos = g.node("TextEncodeQwenImageEdit", title="Edit instruction", color="#232", clip=clip[0],
+    pos = g.node("TextEncodeQwenImageEdit", title="Edit instruction", node_color="#232", clip=clip[0],
                  prompt="make the car red", vae=vae[0], image=scaled[0])
-    neg = g.node("TextEncodeQwenImageEdit", title="Negative", color="#322", clip=clip[0], prompt="", vae=vae[0],
+    neg = g.node("TextEncodeQwenImageEdit", title="Negative", node_color="#322", clip=clip[0], prompt="", vae=vae[0],
                  image=scaled[0])
     shift = g.node("ModelSamplingAuraFlow", model=unet[0], shift=3.0)
     norm = g.node("CFGNorm", model=shift[0], strength=1.0)
@@ -234,12 +235,69 @@ def qwen_edit_critic() -> Graph:
     return g
 
 
+def anchoredit_toy() -> Graph:
+    """Three turns of a session on the bundled toy AnchorEdit model (node ids are used by test_anchoredit_comfy)."""
+    g = Graph("editsteer_anchoredit_toy", "AnchorEdit: a three-turn session on the toy model (CPU)")
+    model = g.node("EditSteerAnchorEditModel", title="AnchorEdit Model", model="toy-anchoredit")
+    src = g.node("EmptyImage", title="Source: black 32x32", width=32, height=32, batch_size=1, color=986895)
+    start = g.node("EditSteerAnchorEditStart", title="AnchorEdit Start Session", model=model[0], image=src[0], seed=0,
+                   sampler="model default", flow_steps=24)
+    t1 = g.node("EditSteerAnchorEditTurn", title="Turn 1", session=start[0],
+                instruction="add a red circle at the center", seed=-1, preview=True)
+    t2 = g.node("EditSteerAnchorEditTurn", title="Turn 2", session=t1[0], instruction="make the red circle blue",
+                seed=-1, preview=True)
+    t3 = g.node("EditSteerAnchorEditTurn", title="Turn 3", session=t2[0],
+                instruction="move the blue circle to the top left", seed=-1, preview=True)
+    hist = g.node("EditSteerAnchorEditHistory", title="AnchorEdit History", session=t3[0])
+    g.node("SaveImage", title="Save every turn", images=hist[0], filename_prefix="anchoredit_toy")
+    g.node("EditSteerAnchorEditSaveSession", title="AnchorEdit Save Session", session=t3[0],
+           filename_prefix="anchoredit_toy", include_cache=True)
+    return g
+
+
+def anchoredit_resume() -> Graph:
+    """Continue a saved session: load it, take the last turn back, edit again."""
+    g = Graph("editsteer_anchoredit_resume", "AnchorEdit: resume a saved session, undo a turn, edit again (CPU)")
+    g.note("Run *editsteer_anchoredit_toy* first: its *AnchorEdit Save Session* writes "
+           "`output/editsteer_sessions/anchoredit_toy_00001` (.safetensors + .json: turns, images, KV cache). *AnchorEdit "
+           "Load Session* reads it back (a name in that folder, or a full path), *AnchorEdit Undo* drops the last turn "
+           "and its cache entries, and the next turn continues from there: the same result as if the session had "
+           "never been saved.")
+    model = g.node("EditSteerAnchorEditModel", title="AnchorEdit Model", model="toy-anchoredit")
+    load = g.node("EditSteerAnchorEditLoadSession", model=model[0], path="anchoredit_toy_00001")
+    undo = g.node("EditSteerAnchorEditUndo", session=load[0], turns=1)
+    turn = g.node("EditSteerAnchorEditTurn", title="Turn 3, again", session=undo[0],
+                  instruction="move the blue circle to the bottom right", seed=-1, preview=True)
+    hist = g.node("EditSteerAnchorEditHistory", title="AnchorEdit History", session=turn[0])
+    g.node("SaveImage", title="Save every turn", images=hist[0], filename_prefix="anchoredit_resumed")
+    return g
+
+
+def mln_toy() -> Graph:
+    """One MLN edit of a held-out toy case on the bundled toy Switti (node ids are used by test_mln_comfy)."""
+    g = Graph("editsteer_mln_toy", "Masked Logit Nudging on the toy Switti (CPU)")
+    case = g.node("EditSteerMLNToyCase", title="Toy Edit Case (MLN)", split="heldout", index=0, case_seed=0)
+    switti = g.node("EditSteerSwittiLoader", title="Switti Loader (MLN)", model="toy-switti (bundled, 32 px)",
+                    dtype="auto", allow_download=False)
+    edit = g.node("EditSteerMLNEdit", title="MLN Edit (Switti)", switti=switti[0], image=case[0],
+                  source_prompt=case[1], target_prompt=case[2], seed=42, preset="auto", global_edit=False,
+                  refine=True, mask_mode="replace", preview=True)
+    g.node("SaveImage", title="Save edited image", images=edit[0], filename_prefix="editsteer_mln")
+    mask = g.node("MaskToImage", title="Convert Mask to Image", mask=edit[1])
+    g.node("SaveImage", title="Save edit mask", images=mask[0], filename_prefix="editsteer_mln_mask")
+    g.node("PreviewImage", title="Exact target (toy ground truth)", images=case[4])
+    return g
+
+
 WORKFLOWS: dict[str, Callable[[], Graph]] = {
     "editsteer_toy_edit": toy_edit,
     "editsteer_toy_critic_verilatent": toy_critic_verilatent,
     "editsteer_kontext_critic": kontext_critic,
     "editsteer_qwen_image_edit_critic": qwen_edit_critic,
     "editsteer_kontext_verilatent": kontext_verilatent,
+    "editsteer_anchoredit_toy": anchoredit_toy,
+    "editsteer_anchoredit_resume": anchoredit_resume,
+    "editsteer_mln_toy": mln_toy,
 }
 
 
