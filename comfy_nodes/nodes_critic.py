@@ -18,7 +18,7 @@ CATEGORY = "EditSteer/Critic"
 Critic = io.Custom("EDITSTEER_CRITIC")
 CRITIC_FILE = "critic.safetensors"
 #: Offered when the manifest lists no critic yet (kept so saved workflows stay valid).
-DEFAULT_CRITICS = ("toy-kontext-critic",)
+DEFAULT_CRITICS = ("toy-critic",)
 
 
 def critic_choices() -> list[str]:

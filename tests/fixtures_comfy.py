@@ -16,7 +16,7 @@ import pytest
 import torch
 
 TOY_ID = "toy-kontext-editor"
-TOY_CRITIC_ID = "toy-kontext-critic"
+TOY_CRITIC_ID = "toy-critic"
 
 
 def _resolves(artifact_id: str) -> bool:

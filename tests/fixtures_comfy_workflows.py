@@ -128,7 +128,7 @@ def toy_critic_verilatent() -> Graph:
     cond = g.node("EditSteerToyTextEncode", text_encoder=toy[2], instruction=case[1])
     src = g.node("VAEEncode", pixels=case[0], vae=toy[1])
     ref = g.node("ReferenceLatent", conditioning=cond[0], latent=src[0])
-    critic = g.node("EditSteerCriticLoader", critic="toy-kontext-critic", allow_download=False)
+    critic = g.node("EditSteerCriticLoader", critic="toy-critic", allow_download=False)
     model = g.node("EditSteerApplyCritic", model=toy[0], critic=critic[0], mode="steer", strength=1.0)
     guider = g.node("BasicGuider", model=model[0], conditioning=ref[0])
     noise = g.node("RandomNoise", noise_seed=0)
