@@ -55,8 +55,9 @@ def make_config(candidates: int, budget: int, early_step: int, top_m: int, round
                                    f"first round's candidates ({candidates}); raise budget or lower candidates")
     if top_m > candidates:
         raise EditSteerConfigError(f"top_m ({top_m}) cannot exceed candidates ({candidates})")
+    # a SAMPLER sees latents only (no attention maps): the latent editing map, as the core's "mix" falls back to
     return VeriLatentConfig(n0=candidates, n_max=budget if budget > candidates else None, round_size=round_size,
-                            top_m=top_m, k=early_step)
+                            top_m=top_m, k=early_step, activation="latent")
 
 
 class EditSteerVeriLatentSampler(io.ComfyNode):

@@ -126,7 +126,7 @@ def test_search_matches_the_diffusers_wrapper(comfy, toy_editor_ref):
     got = json.loads(r.output(node_id(api, "EditSteerVeriLatentReport"), 2))
     pipe, _ = load_toy_editor(toy_editor_ref)
     case = world.make_case("heldout", seed=0, index=0)
-    cfg = VeriLatentConfig(n0=4, n_max=8, round_size=4, top_m=1, k=2)
+    cfg = VeriLatentConfig(n0=4, n_max=8, round_size=4, top_m=1, k=2, activation="latent")  # as the SAMPLER
     out = VeriLatentSearch(pipe, cfg)(image=world.to_pil(case.source), prompt=case.instruction, seed=1,
                                       output_type="latent", **toy_pipeline_kwargs(pipe))
     want = out.report.to_json()
