@@ -41,3 +41,10 @@ def test_unknown_method_and_family_are_clear_errors(tmp_path, capsys):
     assert e.value.code == 2
     assert main(["bench", "identity", "--families", "teleport", "--out", str(tmp_path)]) == 2
     assert "unknown families" in capsys.readouterr().err
+
+
+def test_report_records_the_command_that_reproduces_it(tmp_path):
+    out = tmp_path / "c"
+    assert main(["bench", "identity", "--cases", "2", "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["command"] == f"editsteer bench identity --cases 2 --seed 3 --out {out} --quiet"

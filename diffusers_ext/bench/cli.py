@@ -59,7 +59,8 @@ def run(args) -> int:
     method = args._bench_cls(args)
     out = args.out or f"runs/bench/{method.name}"
     res = harness.run(method, cases=args.cases, seed=args.seed, out=out, split=args.split, families=fams,
-                      turns=getattr(args, "turns", 12), progress=not args.quiet)
+                      turns=getattr(args, "turns", 12), progress=not args.quiet,
+                      command=getattr(args, "_command", None))
     print("\n".join(harness.summary_lines(res)))
     print(f"wrote {out}/results.json and {out}/grid.png")
     return 0

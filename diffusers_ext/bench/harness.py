@@ -25,6 +25,14 @@ from ..toy import world as W
 from .base import BenchMethod, MethodResult
 
 
+def command_line() -> str:
+    """The command as a user would type it: ``editsteer bench ...`` for both the console script and
+    ``python -m diffusers_ext`` (whose argv[0] is a machine-specific path to ``__main__.py``)."""
+    prog = Path(sys.argv[0]).name
+    head = ["editsteer"] if prog in ("editsteer", "__main__.py") else [sys.argv[0]]
+    return " ".join(head + sys.argv[1:])
+
+
 def case_seed(seed: int, index: int) -> int:
     """The generator seed a method uses for case ``index`` of a run with ``--seed seed`` (same for every method)."""
     return seed * 100_003 + index
@@ -91,8 +99,10 @@ def _clean(v):
 
 
 def run(method: BenchMethod, *, cases: int, seed: int, out: str | Path, split: str = "heldout",
-        families: tuple[str, ...] | None = None, turns: int = 12, progress: bool = True) -> dict:
-    """Run ``method`` on ``cases`` cases of ``split`` and write the report to ``out``; return the results dict."""
+        families: tuple[str, ...] | None = None, turns: int = 12, progress: bool = True,
+        command: str | None = None) -> dict:
+    """Run ``method`` on ``cases`` cases of ``split`` and write the report to ``out``; return the results dict.
+    ``command`` is recorded as the command that reproduces the run (default: this process's command line)."""
     out = Path(out)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     multiturn = method.kind == "multiturn"
@@ -170,7 +180,7 @@ def run(method: BenchMethod, *, cases: int, seed: int, out: str | Path, split: s
         "settings": method.settings(),
         "per_case": per_case,
         "editsteer_version": __version__,
-        "command": " ".join(sys.argv),
+        "command": command or command_line(),
         "platform": platform.platform(),
     }
     results = _clean(results)

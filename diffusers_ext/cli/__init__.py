@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 
 from .._version import __version__
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not [a for a in argv if not a.startswith("-")] and not {"-h", "--help", "--version"} & set(argv):
         argv = [*argv, DEFAULT_SUBCOMMAND]
     args = parser.parse_args(argv)
+    args._command = "editsteer " + shlex.join(argv)  # what reproduces this run, for the reports that record it
     if getattr(args, "_unavailable", None):
         print(f"error: {args._unavailable}", file=sys.stderr)
         return 2
