@@ -60,6 +60,32 @@ def test_shipped_workflow_runs_three_turns_and_saves_the_session(comfy, tmp_path
     assert np.array_equal(got, ref)  # the loaded session continues exactly like the one that was saved
 
 
+def test_resume_workflow_continues_the_saved_session(comfy):  # noqa: F811
+    """The shipped resume workflow loads the session the toy workflow saved, undoes its last turn and edits again:
+    the same images as undoing and editing the saved session in Python."""
+    from diffusers_ext.anchoredit import AnchorEditSession
+
+    from comfy_nodes.nodes_anchoredit import EditSteerAnchorEditLoadSession, load_model
+
+    res = comfy.run_prompt(load_workflow(WORKFLOW))  # saves (or re-saves) the toy session
+    assert res.success, res.error
+    prompt = load_workflow("api/editsteer_anchoredit_resume.json")
+    path = res.output("9").rsplit("/", 1)[-1]
+    loader = next(k for k, n in prompt.items() if n["class_type"] == "EditSteerAnchorEditLoadSession")
+    prompt[loader]["inputs"]["path"] = path  # the name this run saved under
+    turn = next(k for k, n in prompt.items() if n["class_type"] == "EditSteerAnchorEditTurn")
+    hist = next(k for k, n in prompt.items() if n["class_type"] == "EditSteerAnchorEditHistory")
+    res2 = comfy.run_prompt(prompt)
+    assert res2.success, res2.error
+    history = res2.output(hist)
+    assert tuple(history.shape) == (4, 32, 32, 3)  # source + turns 1, 2 + the new turn 3
+    session = AnchorEditSession.load(load_model("toy-anchoredit"), EditSteerAnchorEditLoadSession._resolve(path))
+    session.undo(1)
+    ref = session.edit(prompt[turn]["inputs"]["instruction"], output_type="np")
+    got = (res2.output(turn, 1)[0].numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(got, ref)
+
+
 def test_turn_node_forks_reports_progress_and_honours_interrupt(comfy, nodes, tiny_model):  # noqa: F811
     import comfy.model_management as mm
     import comfy.utils
