@@ -46,15 +46,13 @@ class ToyAnchorEditSpec:
 
 
 def toy_transformer(spec: ToyAnchorEditSpec = ToyAnchorEditSpec(), seed: int = 0):
-    from diffusers import WanTransformer3DModel
+    from ..tiny import TinyWanConfig, tiny_wan_transformer
 
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=spec.num_attention_heads,
-        attention_head_dim=spec.attention_head_dim, in_channels=spec.latent_channels,
-        out_channels=spec.latent_channels, text_dim=spec.text_dim, freq_dim=spec.freq_dim, ffn_dim=spec.ffn_dim,
-        num_layers=spec.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=spec.rope_max_seq_len)
+    cfg = TinyWanConfig(num_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
+                        attention_head_dim=spec.attention_head_dim, in_channels=spec.latent_channels,
+                        text_dim=spec.text_dim, ffn_dim=spec.ffn_dim, freq_dim=spec.freq_dim,
+                        rope_max_seq_len=spec.rope_max_seq_len)
+    return tiny_wan_transformer(cfg, seed=seed).train()  # a fresh module, as the trainer expects
 
 
 def toy_vae(spec: ToyAnchorEditSpec = ToyAnchorEditSpec(), seed: int = 0, latents_mean=None, latents_std=None):

@@ -220,6 +220,15 @@ def _optimizer(params, lr, args, betas=(0.9, 0.999)):
     return opt, sched
 
 
+def _prepare_transformer(pipe, args, acc):
+    """Stages 1-2: the whole transformer trains, with AnchorEdit's processors installed (``pipe.runtime()``)."""
+    model = pipe.transformer
+    pipe.runtime()
+    model.requires_grad_(True)
+    opt, sched = _optimizer(model.parameters(), args.lr, args)
+    return acc.prepare(model, opt, sched)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # entry
 
@@ -323,11 +332,7 @@ def _frame_timesteps(run) -> FrameTimestepConfig:
 def _stage1(run: _Run, pipe, data) -> bool:
     args, acc = run.args, run.acc
     bs = args.batch_size or 32
-    model = pipe.transformer
-    pipe.runtime()
-    model.requires_grad_(True)
-    opt, sched = _optimizer(model.parameters(), args.lr, args)
-    model, opt, sched = acc.prepare(model, opt, sched)
+    model, opt, sched = _prepare_transformer(pipe, args, acc)
     null = data.null
     ctx_t = float(pipe.anchoredit_config.context_timestep)
 
@@ -368,11 +373,7 @@ def _vae_roundtrip(pipe):
 def _stage2(run: _Run, pipe, data) -> bool:
     args, acc = run.args, run.acc
     bs = args.batch_size or 8
-    model = pipe.transformer
-    pipe.runtime()
-    model.requires_grad_(True)
-    opt, sched = _optimizer(model.parameters(), args.lr, args)
-    model, opt, sched = acc.prepare(model, opt, sched)
+    model, opt, sched = _prepare_transformer(pipe, args, acc)
     tcfg = _frame_timesteps(run)
     dcfg = DegradationConfig(enable=not args.no_degradation, monotonic=not args.no_monotonic)
     vae_rt = _vae_roundtrip(pipe)

@@ -18,6 +18,7 @@ import argparse
 import numpy as np
 
 from ..bench.base import BenchMethod, MethodResult
+from ..toy.bench import add_editor_arguments, load_editor
 
 VARIANTS = {"full": "toy-critic", "stage3-only": "toy-critic-stage3only"}
 
@@ -29,7 +30,7 @@ class CriticMethod(BenchMethod):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", default=None, help="toy editor: manifest id or folder (default: bundled)")
+        add_editor_arguments(parser)
         parser.add_argument("--weights", default=None,
                             help="critic: manifest id, folder, critic.safetensors or Hub repo (overrides --variant)")
         parser.add_argument("--variant", default="full", choices=tuple(VARIANTS),
@@ -37,23 +38,17 @@ class CriticMethod(BenchMethod):
         parser.add_argument("--mode", default="steer", choices=("off", "critique", "steer"),
                             help="critic mode (off = the frozen editor through the same code path)")
         parser.add_argument("--scale", type=float, default=None, help="steer scale (default: the critic's)")
-        parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the editor's)")
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        from ..toy.editor import load_toy_editor
         from .pipelines import InlineCriticKontextPipeline
 
-        self.pipe, self.where = load_toy_editor(getattr(args, "model", None),
-                                                pipeline_cls=InlineCriticKontextPipeline)
-        self.weights = getattr(args, "weights", None) or VARIANTS[getattr(args, "variant", "full")]
-        self.critic = self.pipe.load_critic(self.weights, mode=getattr(args, "mode", "steer"),
-                                            scale=getattr(args, "scale", None))
+        self.pipe, self.where, self.kwargs = load_editor(args, pipeline_cls=InlineCriticKontextPipeline)
+        self.weights = args.weights or VARIANTS[args.variant]
+        self.critic = self.pipe.load_critic(self.weights, mode=args.mode, scale=args.scale)
 
     def settings(self) -> dict:
-        from ..toy.editor import toy_pipeline_kwargs
-
-        kw = toy_pipeline_kwargs(self.pipe, num_inference_steps=getattr(self.args, "steps", None))
+        kw = self.kwargs
         c = self.critic.config
         return {"editor": str(self.where), "critic": str(self.weights), "mode": self.pipe.critic_mode,
                 "scale": self.pipe.critic_scale if self.pipe.critic_scale is not None else c.steer_scale,
@@ -64,10 +59,10 @@ class CriticMethod(BenchMethod):
         import torch
 
         from ..toy import world as W
-        from ..toy.editor import nfe_of, toy_pipeline_kwargs
+        from ..toy.editor import nfe_of
         from .pipelines import error_map_image
 
-        kw = toy_pipeline_kwargs(self.pipe, num_inference_steps=getattr(self.args, "steps", None))
+        kw = self.kwargs
         out = self.pipe(image=[W.to_pil(case.source)], prompt=[case.instruction],
                         generator=[torch.Generator().manual_seed(seed)], output_type="np", **kw)
         img = (np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)

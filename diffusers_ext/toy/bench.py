@@ -13,6 +13,27 @@ import argparse
 from ..bench.base import BenchMethod, MethodResult
 
 
+def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--steps`` and ``--device``: the toy editor options every bench method built on it shares."""
+    parser.add_argument("--model", default=None,
+                        help="toy editor: weights manifest id or pipeline folder (default: the bundled "
+                             "toy-kontext-editor)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
+    parser.add_argument("--device", default="cpu")
+
+
+def load_editor(args: argparse.Namespace, pipeline_cls=None, **overrides):
+    """The toy editor of :func:`add_editor_arguments`' options: ``(pipe, where, call kwargs)``; ``overrides`` go into
+    the call kwargs (:func:`~diffusers_ext.toy.editor.toy_pipeline_kwargs`)."""
+    from ..errors import EditSteerConfigError
+    from .editor import load_toy_editor, toy_pipeline_kwargs
+
+    if args.steps is not None and args.steps < 1:
+        raise EditSteerConfigError("--steps must be at least 1")
+    pipe, where = load_toy_editor(args.model, device=args.device, pipeline_cls=pipeline_cls)
+    return pipe, where, toy_pipeline_kwargs(pipe, num_inference_steps=args.steps, **overrides)
+
+
 class BaseEditorMethod(BenchMethod):
     """One plain ``FluxKontextPipeline`` call per case on the toy editor (NFE = steps, x2 with true CFG)."""
 
@@ -22,25 +43,16 @@ class BaseEditorMethod(BenchMethod):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--model", default=None,
-                            help="weights manifest id or pipeline folder (default: the bundled toy-kontext-editor)")
-        parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
+        add_editor_arguments(parser)
         parser.add_argument("--true-cfg", type=float, default=None,
                             help="true CFG scale against the empty prompt (default: the model's own, 1 = off)")
-        parser.add_argument("--device", default="cpu")
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        from ..errors import EditSteerConfigError
-        from .editor import load_toy_editor, toy_pipeline_kwargs
-
-        if args.steps is not None and args.steps < 1:
-            raise EditSteerConfigError("--steps must be at least 1")
-        self.pipe, self.where = load_toy_editor(args.model, device=args.device)
-        over = {"num_inference_steps": args.steps}
+        over = {}
         if args.true_cfg is not None and args.true_cfg > 1.0:
             over.update(true_cfg_scale=args.true_cfg, negative_prompt="")
-        self.kwargs = toy_pipeline_kwargs(self.pipe, **over)
+        self.pipe, self.where, self.kwargs = load_editor(args, **over)
 
     def settings(self) -> dict:
         from .editor import TOY_EDITOR_ID

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from ..bench.base import BenchMethod, MethodResult
+from ..toy.bench import add_editor_arguments, load_editor
 
 
 class ModelTimer:
@@ -84,13 +85,6 @@ class ModelTimer:
         self._handles, self._patched = [], []
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="toy editor: weights manifest id or pipeline folder (default: the bundled toy-kontext-editor)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps T (default: the model's own)")
-    p.add_argument("--device", default="cpu")
-
-
 def _add_verifier_args(p: argparse.ArgumentParser) -> None:
     from .config import VeriLatentConfig
 
@@ -119,13 +113,7 @@ class _ToyMethod(BenchMethod):
         super().__init__(args)
         import torch
 
-        from ..errors import EditSteerConfigError
-        from ..toy.editor import load_toy_editor, toy_pipeline_kwargs
-
-        if args.steps is not None and args.steps < 1:
-            raise EditSteerConfigError("--steps must be at least 1")
-        self.pipe, self.where = load_toy_editor(args.model, device=args.device)
-        self.kwargs = toy_pipeline_kwargs(self.pipe, num_inference_steps=args.steps)
+        self.pipe, self.where, self.kwargs = load_editor(args)
         self.timer = ModelTimer(self.pipe)
         self.totals = {"wall_s": 0.0, "model_s": 0.0, "verify_s": 0.0}
         self._torch = torch
@@ -164,7 +152,7 @@ class BestOfNMethod(_ToyMethod):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        _add_model_args(parser)
+        add_editor_arguments(parser)
         parser.add_argument("--n", type=int, default=4, help="candidates (1 = the single-sample baseline)")
         parser.add_argument("--verifier", choices=("score", "medoid"), default="score",
                             help="score: VeriLatent's map/region score on |decoded - source|; medoid: the candidate "
@@ -235,7 +223,7 @@ class VeriLatentMethod(_ToyMethod):
         from .config import VeriLatentConfig
 
         d = VeriLatentConfig.adaptive()
-        _add_model_args(parser)
+        add_editor_arguments(parser)
         parser.add_argument("--mode", choices=("fixed", "adaptive"), default="adaptive",
                             help="fixed: one round of --n0 candidates; adaptive: rounds of --round-size up to --n-max")
         parser.add_argument("--n0", type=int, default=None,
