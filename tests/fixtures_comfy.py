@@ -66,6 +66,8 @@ def random_critic(transformer, seed: int = 0, **overrides):
         critic.tokens.normal_(0, 1.0)
         for a in critic.adapters.values():
             a.up.normal_(0, 0.05)
+        for g in critic.gates.values():
+            g.normal_(0, 1.0)
     return critic.eval()
 
 

@@ -38,7 +38,7 @@ def critic(pipe, toy_critic_ref, comfy):
     return EditSteerCriticLoader.execute(toy_critic_ref, False)[0]
 
 
-@pytest.mark.parametrize("variant", ["loaded", "l_in in a single block, 2 tokens"])
+@pytest.mark.parametrize("variant", ["loaded", "l_in in a single block, 2 tokens", "decoupled steering"])
 def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic, variant):
     """Velocity and error map of ComfyUI's patched Flux equal the diffusers processors' in every mode (1e-4)."""
     from comfy_nodes.critic_patch import apply_critic
@@ -53,7 +53,9 @@ def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic, variant):
     ids = pipe._prepare_latent_image_ids(2, 8, 8, torch.device("cpu"), torch.float32)
     ref_ids = ids.clone()
     ref_ids[:, 0] = 1
-    if variant != "loaded":
+    if variant == "decoupled steering":
+        critic = random_critic(pipe.transformer, seed=4, n_tokens=2, steer_attention="decoupled")
+    elif variant != "loaded":
         n_double = len(pipe.transformer.transformer_blocks)
         depth = n_double + len(pipe.transformer.single_transformer_blocks)
         critic = random_critic(pipe.transformer, seed=3, l_in=n_double, l_c=(depth - 1,), n_tokens=2,

@@ -88,6 +88,46 @@ def test_steer_mode_is_joint_attention_with_a_log_scale_bias():
                                                      block_mode="steer", scale=0.0), read)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_decoupled_steer_adds_a_gated_critic_only_attention_to_the_frozen_one(grad):
+    q, k, v = _qkv()
+    start, n = 4, 2
+    mask = torch.ones(2, q.shape[1], dtype=torch.bool)
+    mask[1, 1:3] = False
+    gate = torch.tensor([0.7, -1.3])
+    kw = dict(start=start, n_c=n, key_mask=mask)
+    with torch.set_grad_enabled(grad):
+        read = core.critic_attention(q.clone(), k.clone(), v.clone(), block_mode="read", **kw)
+        out = core.critic_attention(q.clone(), k.clone(), v.clone(), block_mode="steer", gate=gate, scale=0.5, **kw)
+        zero = core.critic_attention(q.clone(), k.clone(), v.clone(), block_mode="steer", gate=torch.zeros(2), **kw)
+    assert torch.equal(zero, read)  # a zero gate (the initial state) is exactly the critique mode
+    # the critic rows only read; every other row adds softmax(q k_c) v_c over the critic keys alone, times the gate
+    torch.testing.assert_close(core.take_rows(out, start, n), core.take_rows(read, start, n), atol=0, rtol=0)
+    kc, vc = core.take_rows(k, start, n), core.take_rows(v, start, n)
+    extra = _ref_attention(q, kc, vc, torch.zeros(1, n)) * (0.5 * gate).view(1, 1, 2, 1)
+    torch.testing.assert_close(core.drop_rows(out, start, n), core.drop_rows(read + extra, start, n), atol=1e-5,
+                               rtol=0)
+    # the frozen keys' attention is not renormalised: a masked key still has no influence
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 1:3] += 5
+    v2[1, 1:3] -= 5
+    out2 = core.critic_attention(q.clone(), k2, v2, block_mode="steer", gate=gate, scale=0.5, **kw)
+    torch.testing.assert_close(out[1], out2[1], atol=1e-6, rtol=0)
+
+
+def test_decoupled_critic_has_zero_gates_on_steering_blocks_and_round_trips(tmp_path):
+    c = _critic(steer_attention="decoupled", mode="steer")
+    assert sorted(c.gates) == ["2", "3"] and all(torch.count_nonzero(g) == 0 for g in c.gates.values())
+    assert c.gate_for(1) is None and c.config.metadata()["steer_attention"] == "decoupled"
+    with torch.no_grad():
+        c.gates["3"].fill_(0.25)
+    c.save_pretrained(tmp_path / "c")
+    d = InlineCritic.from_pretrained(tmp_path / "c")
+    assert d.config.steer_attention == "decoupled" and torch.equal(d.gates["3"], c.gates["3"])
+    with pytest.raises(EditSteerConfigError, match="steer_attention"):
+        CriticConfig(**FLUX, steer_attention="sideways")
+
+
 def test_key_mask_is_honoured_and_inplace_path_matches_autograd_path():
     q, k, v = _qkv()
     mask = torch.ones(2, q.shape[1], dtype=torch.bool)

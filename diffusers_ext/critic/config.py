@@ -28,6 +28,11 @@ MODES = ("off", "critique", "steer")
 #: single-stream blocks automatically and ComfyUI can reproduce it with its own patch points.
 STREAMS = ("text",)
 ARCHS = ("flux", "qwen-image")
+#: How ``steer`` blocks attend to the critic. ``joint``: the critic keys join the frozen attention's softmax (one
+#: attention call over the joint sequence). ``decoupled``: the frozen attention runs as in ``critique`` mode and
+#: every token adds a separate attention over the critic keys alone, scaled by a learned per-head gate that starts
+#: at zero (IP-Adapter's decoupled cross-attention; EditSteer's proposed design).
+STEER_ATTENTION = ("joint", "decoupled")
 #: Flux RoPE id given to every critic token: axis 0 = 3 is used neither by text (0) nor by Kontext references (1).
 FLUX_CRITIC_ROPE_ID = (3, 0, 0)
 PLACEMENT = {
@@ -74,6 +79,8 @@ class CriticConfig:
             0 reproduces ``critique`` mode.
         head_hidden: hidden width of the critique head MLP.
         adapter_rank: rank of the per-block low-rank adapters on the critic rows' q/k/v (0 = none, the plain token).
+        steer_attention: ``"joint"`` or ``"decoupled"`` (see :data:`STEER_ATTENTION`); ``decoupled`` adds one
+            learned gate per head to every steering block.
         base_model: the checkpoint the critic was trained against (an id or Hub repo), informative.
         stage: training stage that produced the weights (0 untrained, 2 masked critic, 3 unmasked joint).
     """
@@ -93,6 +100,7 @@ class CriticConfig:
     steer_scale: float = 1.0
     head_hidden: int = 64
     adapter_rank: int = 0
+    steer_attention: str = "joint"
     base_model: str = ""
     stage: int = 0
     extra: dict = field(default_factory=dict)
@@ -143,6 +151,8 @@ class CriticConfig:
             bad(f"head_hidden must be >= 1, got {self.head_hidden}")
         if self.adapter_rank < 0:
             bad(f"adapter_rank must be >= 0, got {self.adapter_rank}")
+        if self.steer_attention not in STEER_ATTENTION:
+            bad(f"steer_attention must be one of {', '.join(STEER_ATTENTION)}, got {self.steer_attention!r}")
 
     def check_layer(self, index: int, what: str = "layer") -> None:
         if not isinstance(index, int) or isinstance(index, bool):
@@ -191,6 +201,10 @@ class CriticConfig:
         """Blocks that carry a low-rank critic adapter: every block from ``l_in`` on (none when rank is 0)."""
         return tuple(range(self.l_in, self.depth)) if self.adapter_rank else ()
 
+    def gate_blocks(self) -> tuple[int, ...]:
+        """Blocks that carry a decoupled-steering gate: every steering block (none for ``joint`` steering)."""
+        return tuple(range(self.first_steer_block, self.depth)) if self.steer_attention == "decoupled" else ()
+
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -227,8 +241,10 @@ class CriticConfig:
             "placement": self.placement,
             "stage": str(self.stage),
             "adapter_rank": str(self.adapter_rank),
+            "steer_attention": self.steer_attention,
             "trainable": "critic tokens, critique head" + (
-                f", per-block critic q/k/v adapters (rank {self.adapter_rank} + offsets)" if self.adapter_rank else ""),
+                f", per-block critic q/k/v adapters (rank {self.adapter_rank} + offsets)" if self.adapter_rank else "")
+            + (", per-head gates of the decoupled critic attention" if self.steer_attention == "decoupled" else ""),
             "pack_version": PACK_VERSION,
             "config": self.to_json(),
         }

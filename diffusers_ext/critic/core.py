@@ -22,7 +22,9 @@ Block modes (see :meth:`CriticConfig.block_mode`)
     rows' attention output is zero. ``read``: same main call; the critic queries attend over every main key and
     the critic keys (a small separate attention in float32). ``steer``: one attention over the whole joint
     sequence; critic keys get the additive logit bias ``log(scale)`` (``scale == 1``: no bias; ``scale == 0``:
-    read). Per-block low-rank adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first.
+    read). With a ``gate`` (decoupled steering, :func:`critic_steer`), ``steer`` is the ``read`` computation plus,
+    for every main row, a separate attention over the critic keys alone times ``scale * gate``. Per-block low-rank
+    adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first.
 
 Example::
 
@@ -120,6 +122,18 @@ def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Te
     return out.to(qc.dtype)
 
 
+def critic_steer(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Decoupled steering: every query of ``q (B, S, H, Dh)`` attends over the critic keys ``kc, vc (B, n_c, H, Dh)``
+    alone (a softmax of its own, float32) and the result is scaled per head by ``gate (H,)``: ``(B, S, H, Dh)``.
+
+    Added to the frozen model's own attention output, as IP-Adapter adds its image-prompt attention: the frozen
+    attention is not renormalised by the critic keys, and a zero gate is exactly the read mode."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float() * scale, kc.float())
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vc.float())
+    return out * gate.float().view(1, 1, -1, 1)
+
+
 def steer_key_bias(key_mask: torch.Tensor | None, seq: int, start: int, n_c: int, scale: float,
                    batch: int, device, dtype) -> torch.Tensor | None:
     """Key mask/bias for a ``steer`` call over the joint sequence: ``None`` when nothing is masked and
@@ -144,6 +158,7 @@ def _swap_rows_(x: torch.Tensor, a: int, b: int, n: int) -> None:
 def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, n_c: int,
                      block_mode: str, scale: float = 1.0, key_mask: torch.Tensor | None = None,
                      adapter: tuple[torch.Tensor, ...] | None = None,
+                     gate: torch.Tensor | None = None,
                      attn_fn: AttnFn = sdpa_bshd) -> torch.Tensor:
     """One block's attention with the critic rows at ``[start, start + n_c)`` of the joint ``BSHD`` sequence.
 
@@ -162,7 +177,12 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
     qc, kc, vc = take_rows(q, start, n_c), take_rows(k, start, n_c), take_rows(v, start, n_c)
     if block_mode != "dormant":
         qc, kc, vc = adapt_critic_rows(qc, kc, vc, adapter)
-    if block_mode == "steer" and scale > 0:
+    extra = None
+    if block_mode == "steer" and scale > 0 and gate is not None:
+        # decoupled steering: the frozen attention as in read mode (below) plus the gated critic-only attention of
+        # every main row; computed first, because the read path may use q as scratch space
+        extra = critic_steer(q, kc, vc, gate * float(scale))
+    elif block_mode == "steer" and scale > 0:
         if adapter is not None:
             if inplace:
                 for x, r in ((q, qc), (k, kc), (v, vc)):
@@ -171,7 +191,7 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
                 q, k, v = replace_rows(q, qc, start), replace_rows(k, kc, start), replace_rows(v, vc, start)
         mask = steer_key_bias(key_mask, q.shape[1], start, n_c, float(scale), q.shape[0], q.device, q.dtype)
         return attn_fn(q, k, v, mask)
-    # read / dormant (and steer with scale 0): the main tokens run the frozen model's own attention call
+    # read / dormant / decoupled steer (and steer with scale 0): the main tokens run the frozen model's own call
     seq = q.shape[1]
     tail = seq - n_c
     if inplace and tail - start >= n_c:
@@ -189,16 +209,20 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
         out_c = (torch.zeros_like(qc, dtype=out_main.dtype) if block_mode == "dormant"
                  else critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype))
         # out_main rows: [text, moved tail, rest]; back to [text, critic, rest, tail]
-        return torch.cat([out_main[:, :start], out_c, out_main[:, start + n_c:], out_main[:, start:start + n_c]],
-                         dim=1)
-    qm, km, vm = drop_rows(q, start, n_c), drop_rows(k, start, n_c), drop_rows(v, start, n_c)
-    mm = None if key_mask is None else drop_rows(key_mask, start, n_c)
-    out_main = attn_fn(qm, km, vm, mm)
-    if block_mode == "dormant":
-        out_c = torch.zeros_like(qc, dtype=out_main.dtype)
+        out = torch.cat([out_main[:, :start], out_c, out_main[:, start + n_c:], out_main[:, start:start + n_c]],
+                        dim=1)
     else:
-        out_c = critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype)
-    return insert_rows(out_main, out_c, start)
+        qm, km, vm = drop_rows(q, start, n_c), drop_rows(k, start, n_c), drop_rows(v, start, n_c)
+        mm = None if key_mask is None else drop_rows(key_mask, start, n_c)
+        out_main = attn_fn(qm, km, vm, mm)
+        if block_mode == "dormant":
+            out_c = torch.zeros_like(qc, dtype=out_main.dtype)
+        else:
+            out_c = critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype)
+        out = insert_rows(out_main, out_c, start)
+    if extra is not None:  # the critic rows only read
+        out = out + replace_rows(extra, torch.zeros_like(take_rows(extra, start, n_c)), start).to(out.dtype)
+    return out
 
 
 # -- error maps ---------------------------------------------------------------------------------------------------

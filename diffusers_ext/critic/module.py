@@ -81,7 +81,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
 
     Parameters (state-dict keys): ``tokens (n_c, width)``; ``heads.<l_c>.*`` (one :class:`CritiqueHead` per
     critique block); ``adapters.<block>.down (3, width, r)`` / ``.up (3, r, width)`` / ``.bias (3, n_c, width)`` for every
-    block from ``l_in`` when ``adapter_rank > 0``. Keep them in float32; they are cast to the activations' dtype where they meet them.
+    block from ``l_in`` when ``adapter_rank > 0``; ``gates.<block> (num_heads,)`` for every steering block when
+    ``steer_attention == "decoupled"``. Keep them in float32; they are cast to the activations' dtype where they meet them.
     """
 
     def __init__(self, config: CriticConfig):
@@ -94,6 +95,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
         self.heads = nn.ModuleDict({str(l): CritiqueHead(w, config.n_tokens, config.head_hidden) for l in config.l_c})
         self.adapters = nn.ModuleDict({str(b): CriticAdapter(w, config.adapter_rank, config.n_tokens)
                                        for b in config.adapter_blocks()})
+        self.gates = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(config.num_heads))
+                                       for b in config.gate_blocks()})
 
     # -- per-call computations (shared with the ComfyUI adapter) ------------------------------------------------
     def token_rows(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -107,6 +110,9 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
         a = self.adapters[str(block)] if str(block) in self.adapters else None
         return None if a is None else a.pair()
 
+    def gate_for(self, block: int) -> torch.Tensor | None:
+        return self.gates[str(block)] if str(block) in self.gates else None
+
     def attention(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int,
                   mode: str | None = None, scale: float | None = None, key_mask: torch.Tensor | None = None,
                   attn_fn: core.AttnFn = core.sdpa_bshd) -> torch.Tensor:
@@ -115,7 +121,7 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
         return core.critic_attention(
             q, k, v, start=start, n_c=self.config.n_tokens, block_mode=self.block_mode(block, mode),
             scale=self.config.steer_scale if scale is None else scale, key_mask=key_mask,
-            adapter=self.adapter_for(block), attn_fn=attn_fn)
+            adapter=self.adapter_for(block), gate=self.gate_for(block), attn_fn=attn_fn)
 
     def critique(self, block: int, h_img: torch.Tensor, h_critic: torch.Tensor) -> torch.Tensor:
         """Predicted log-normalised error per image token, read after block ``block``: ``(B, N)`` float32.
@@ -232,7 +238,7 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     def extra_repr(self) -> str:
         c = self.config
         return (f"arch={c.arch}, width={c.width}, n_c={c.n_tokens}, l_in={c.l_in}, l_c={list(c.l_c)}, "
-                f"mode={c.mode}, adapter_rank={c.adapter_rank}, stage={c.stage}")
+                f"mode={c.mode}, adapter_rank={c.adapter_rank}, steer_attention={c.steer_attention}, stage={c.stage}")
 
 
 # -- probes (stage 1 and the probe diagnostic) ---------------------------------------------------------------------
