@@ -95,3 +95,33 @@ def test_max_minutes_time_box_ends_every_stage_early_with_a_usable_critic(critic
     assert sum("time box" in r.get("event", "") for r in log) == 3
     critic = InlineCritic.from_pretrained(out / "critic")
     assert critic.config.stage == 3 and critic.config.mode == "steer"
+
+
+def test_decoupled_steering_learns_its_gates_and_headroom_measures_on_the_same_draws(critic_editor_dir, tmp_path):
+    from diffusers_ext.critic import train
+    from diffusers_ext.critic.headroom import main as headroom
+
+    out = tmp_path / "dec"
+    argv = ["--model", critic_editor_dir, *TRAIN, "--stages", "3", "--steer-attention", "decoupled", "--out", out]
+    assert train.run(_args(train, argv)) == 0
+    critic = InlineCritic.from_pretrained(out / "critic")
+    assert critic.config.steer_attention == "decoupled" and sorted(critic.gates) == ["2", "3"]
+    assert all(torch.count_nonzero(g) > 0 for g in critic.gates.values())  # the zero-initialised gates moved
+    val = json.loads((out / "summary.json").read_text())["stage3_val"]
+    assert val["fm"] != val["fm_off"]
+
+    # the headroom reference measures on the same validation draws: its step-0 numbers are the critic's fm_off
+    hr = tmp_path / "headroom"
+    assert headroom(["--model", str(critic_editor_dir), "--steps", "2", "--cases", "8", "--val-cases", "4",
+                     "--batch-size", "2", "--val-every", "1", "--lr", "1e-3", "--threads", "1", "--out", str(hr),
+                     "--save-pipeline", str(tmp_path / "ft")]) == 0
+    res = json.loads((hr / "headroom.json").read_text())
+    assert [c["step"] for c in res["curve"]] == [0, 1, 2]
+    assert res["curve"][0]["fm"] == pytest.approx(val["fm_off"], abs=2e-6)
+    assert res["curve"][0]["fm_edit"] == pytest.approx(val["fm_edit_off"], abs=2e-6)
+    assert res["curve"][-1]["fm"] != res["curve"][0]["fm"]
+    from diffusers import FluxTransformer2DModel
+
+    a = FluxTransformer2DModel.from_pretrained(critic_editor_dir, subfolder="transformer").state_dict()
+    b = FluxTransformer2DModel.from_pretrained(tmp_path / "ft", subfolder="transformer").state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the saved copy is fine-tuned, the source is untouched
