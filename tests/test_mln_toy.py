@@ -59,3 +59,34 @@ def test_speed_benchmark_writes_its_json(tmp_path):
         assert m["mln_s"] > 0 and m["cpu_ratio"] > 0 and m["token_rows"] > 0
     # the fast variant does less transformer work than the paper's method
     assert r["mln"]["toy-fast"]["token_rows"] < r["mln"]["toy"]["token_rows"]
+    # the every-scale-CFG baseline (official Switti default) guides the last scale too: more rows than the plain one
+    pns = r["patch_nums"]
+    assert r["token_rows_plain_cfg_all"] == r["token_rows_plain"] + pns[-1] ** 2 == 2 * sum(p * p for p in pns)
+    v = r["mln"]["toy"]["vs_plain_cfg_all"]
+    assert v["token_row_ratio"] == r["mln"]["toy"]["token_rows"] / r["token_rows_plain_cfg_all"] and v["cpu_ratio"] > 0
+
+
+def test_bench_set_overrides_config_fields_and_refuses_unknown_ones(tmp_path):
+    import argparse
+
+    from diffusers_ext.bench import harness
+    from diffusers_ext.errors import EditSteerConfigError
+    from diffusers_ext.mln.bench import MLNMethod
+
+    def method(*argv):
+        p = argparse.ArgumentParser()
+        MLNMethod.add_arguments(p)
+        return MLNMethod(p.parse_args(list(argv)))
+
+    m = method("--gt-mask", "--set", "copy_scales=0", "--set", "alphas=[0, 0, 0, 0, 0, 0]", "--set", "beta=4")
+    assert (m.config.copy_scales, m.config.alphas, m.config.beta) == (0, (0.0,) * 6, 4.0)
+    assert m.variant == "gt-mask+set:copy_scales=0,alphas=[0, 0, 0, 0, 0, 0],beta=4"
+    res = harness.run(m, cases=2, seed=1, split="train", out=tmp_path / "b", progress=False)
+    assert res["settings"]["config"]["copy_scales"] == 0 and res["settings"]["variant"].startswith("gt-mask+set:")
+    # nothing copied, nothing nudged in the mask: the output differs from the preset's on the same case
+    ref = harness.run(method("--gt-mask"), cases=2, seed=1, split="train", out=tmp_path / "r", progress=False)
+    assert [c["edit_region_mse"] for c in res["per_case"]] != [c["edit_region_mse"] for c in ref["per_case"]]
+    for bad, match in (("copy_scale=0", "KEY=VALUE"), ("beta", "KEY=VALUE"), ("beta=strong", "JSON"),
+                       ("alphas=[1, 2]", "one value per scale")):
+        with pytest.raises(EditSteerConfigError, match=match):
+            method("--set", bad)

@@ -11,7 +11,9 @@ settings (the baseline MLN must beat on background fidelity). Ablations are flag
 * ``--gt-mask``: the case's exact edit mask as the user mask (separates mask quality from generation quality, as
   the "GT mask" rows of the published tables do);
 * ``--fast``: EditSteer's speed variant (:meth:`MLNConfig.fast`: mask from the second-to-last scale, no TV weight on
-  the last scale), not an ablation but its quality check.
+  the last scale), not an ablation but its quality check;
+* ``--set KEY=VALUE`` (repeatable): any :class:`MLNConfig` field, the value read as JSON (``--set copy_scales=0
+  --set 'alphas=[0,0,0,0,0,0]'``), applied after the flags above: for tuning a preset on training-split cases.
 
 Example::
 
@@ -51,6 +53,31 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["copy_scales=0", "alphas=[0,0]"]`` -> ``{"copy_scales": 0, "alphas": (0, 0)}``; unknown fields and bad
+    values are :class:`EditSteerConfigError` (raised here or by the config's own validation)."""
+    import dataclasses
+    import json
+
+    from ..errors import EditSteerConfigError
+    from .config import MLNConfig
+
+    known = {f.name for f in dataclasses.fields(MLNConfig)}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise EditSteerConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise EditSteerConfigError(f"--set {item!r}: the value must be JSON (numbers, true/false, [lists], "
+                                       '"strings")') from None
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def _mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     p, g = pred > 0.5, gt.astype(bool)
     union = (p | g).sum()
@@ -72,6 +99,8 @@ class MLNMethod(BenchMethod):
         parser.add_argument("--global-edit", action="store_true", help="mask everywhere, no refinement")
         parser.add_argument("--gt-mask", action="store_true", help="oracle: the exact edit mask as the user mask")
         parser.add_argument("--fast", action="store_true", help="speed variant: earlier mask scale, no last-scale TV")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                            help="override an MLNConfig field (value as JSON), e.g. --set copy_scales=0; repeatable")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
     def __init__(self, args):
@@ -91,6 +120,8 @@ class MLNMethod(BenchMethod):
             cfg = cfg.replace(global_edit=True)
         if args.fast:
             cfg = cfg.fast()
+        if getattr(args, "overrides", None):
+            cfg = cfg.replace(**parse_overrides(args.overrides))
         self.no_mask = bool(args.no_mask)
         self.gt_mask = bool(args.gt_mask)
         self.config = cfg
@@ -98,6 +129,8 @@ class MLNMethod(BenchMethod):
                                                  ("no-refine", args.no_refine), ("global-edit", args.global_edit),
                                                  ("gt-mask", args.gt_mask), ("fast", args.fast))
                                 if on) or "full"
+        if getattr(args, "overrides", None):
+            self.variant += "+set:" + ",".join(args.overrides)
 
     def settings(self) -> dict:
         return {"model": self.where, "variant": self.variant, "config": self.config.to_json()}
