@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     tr.requires_grad_(False).eval()
     first, last = curve[0], curve[-1]
     result = {"model": str(where), "command": "python -m diffusers_ext.critic.headroom " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "settings": {k: v for k, v in vars(args).items()},
+        argv if argv is not None else sys.argv[1:]), "settings": dict(vars(args)),
         "threads": torch.get_num_threads(), "curve": curve,
         "change_pct": {k: round(100 * (last[k] / first[k] - 1), 2) for k in ("fm", "fm_edit")}}
     out = Path(args.out)

@@ -278,6 +278,7 @@ def _validate(transformer, data, handle, mode: str, seed: int = 123, batch_size:
     import torch.nn.functional as F
 
     from . import core
+    from .headroom import fm_sums
 
     sums = {"fm_off": 0.0, "fm": 0.0, "fm_edit_off": 0.0, "fm_edit": 0.0, "crit_mse": 0.0, "rho": 0.0}
     n = 0
@@ -294,13 +295,10 @@ def _validate(transformer, data, handle, mode: str, seed: int = 123, batch_size:
                 e_hat = handle.last_call.error_map()
             target = core.log_normalise(core.token_errors(v, v_star))
             b = len(idx)
-            sums["fm_off"] += F.mse_loss(v_off.float(), v_star.float()).item() * b
-            sums["fm"] += F.mse_loss(v.float(), v_star.float()).item() * b
-            if "edit_tokens" in batch:
-                m = batch["edit_tokens"].float()
-                den = float(m.sum().clamp_min(1))
-                sums["fm_edit_off"] += ((v_off.float() - v_star.float()).pow(2).mean(-1) * m).sum().item() / den * b
-                sums["fm_edit"] += ((v.float() - v_star.float()).pow(2).mean(-1) * m).sum().item() / den * b
+            for key, out in (("fm_off", v_off), ("fm", v)):
+                fm, fm_edit = fm_sums(out, v_star, batch.get("edit_tokens"))
+                sums[key] += fm * b
+                sums[key.replace("fm", "fm_edit")] += (fm_edit or 0.0) * b
             sums["crit_mse"] += F.mse_loss(e_hat, target).item() * b
             sums["rho"] += float(core.spearman(e_hat, target).nanmean()) * b
             n += b
