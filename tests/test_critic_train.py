@@ -125,3 +125,21 @@ def test_decoupled_steering_learns_its_gates_and_headroom_measures_on_the_same_d
     a = FluxTransformer2DModel.from_pretrained(critic_editor_dir, subfolder="transformer").state_dict()
     b = FluxTransformer2DModel.from_pretrained(tmp_path / "ft", subfolder="transformer").state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the saved copy is fine-tuned, the source is untouched
+
+
+def test_headroom_runs_are_reproducible_across_processes(critic_editor_dir, tmp_path):
+    """Batches are drawn from integer-seeded generators: two processes (different hash salts) give the same curve."""
+    import os
+    import subprocess
+    import sys
+
+    curves = []
+    for salt in ("1", "2"):
+        out = tmp_path / f"h{salt}"
+        env = {**os.environ, "PYTHONHASHSEED": salt, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "diffusers_ext.critic.headroom", "--model", str(critic_editor_dir),
+                        "--steps", "2", "--cases", "8", "--val-cases", "4", "--batch-size", "2", "--val-every", "2",
+                        "--lr", "1e-3", "--threads", "1", "--out", str(out)], check=True, env=env,
+                       capture_output=True)
+        curves.append(json.loads((out / "headroom.json").read_text())["curve"])
+    assert [(c["fm"], c["fm_edit"]) for c in curves[0]] == [(c["fm"], c["fm_edit"]) for c in curves[1]]
