@@ -14,7 +14,7 @@ import torch
 
 from ..errors import EditSteerConfigError
 from .config import FLUX_CRITIC_ROPE_ID
-from .runtime import BoundArgs, CallState, CriticRuntime
+from .runtime import BoundArgs, CallState, CriticProcessorBase, CriticRuntime
 
 ARCH = "flux"
 
@@ -112,30 +112,8 @@ def _qkv(attn, hidden_states, encoder_hidden_states):
     return q, k, v, eq, ek, ev
 
 
-class FluxCriticAttnProcessor:
-    """Attention processor for one Flux block (double- or single-stream) with an Inline Critic installed.
-
-    Holds the block's original processor and delegates to it whenever the critic is off, so ``off`` is the stock
-    computation. Not an ``nn.Module``: the critic's parameters live in one :class:`InlineCritic` (shared by every
-    block, FSDP-friendly, and kept out of the transformer's ``state_dict``).
-    """
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, runtime: CriticRuntime, block_index: int, original):
-        self.runtime = runtime
-        self.block_index = block_index
-        self.original = original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
-
-    def _attn(self, q, k, v, mask):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        m = None if mask is None else mask[:, None, None, :]
-        return dispatch_attention_fn(q, k, v, attn_mask=m, backend=self._attention_backend,
-                                     parallel_config=self._parallel_config)
+class FluxCriticAttnProcessor(CriticProcessorBase):
+    """Attention processor for one Flux block (double- or single-stream) with an Inline Critic installed."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None) -> torch.Tensor:

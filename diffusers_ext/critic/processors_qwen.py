@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import EditSteerConfigError
-from .runtime import BoundArgs, CallState, CriticRuntime
+from .runtime import BoundArgs, CallState, CriticProcessorBase, CriticRuntime
 
 ARCH = "qwen-image"
 
@@ -84,25 +84,8 @@ def block_outputs(output) -> tuple[torch.Tensor, torch.Tensor]:
     return txt, img
 
 
-class QwenCriticAttnProcessor:
+class QwenCriticAttnProcessor(CriticProcessorBase):
     """Attention processor for one Qwen-Image block with an Inline Critic installed (delegates when off)."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, runtime: CriticRuntime, block_index: int, original):
-        self.runtime = runtime
-        self.block_index = block_index
-        self.original = original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
-
-    def _attn(self, q, k, v, mask):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        m = None if mask is None else mask[:, None, None, :]
-        return dispatch_attention_fn(q, k, v, attn_mask=m, dropout_p=0.0, is_causal=False,
-                                     backend=self._attention_backend, parallel_config=self._parallel_config)
 
     def __call__(self, attn, hidden_states: torch.FloatTensor, encoder_hidden_states: torch.FloatTensor = None,
                  encoder_hidden_states_mask: torch.FloatTensor = None, attention_mask=None,

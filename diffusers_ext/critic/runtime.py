@@ -67,6 +67,32 @@ class CriticRuntime:
         self.recording.append(Record(call.timestep, m, call.mode))
 
 
+class CriticProcessorBase:
+    """What every family's critic attention processor shares: the runtime, its block index, the block's original
+    processor (called whenever the critic is off, so ``off`` is the stock computation) and the attention kernel
+    handed to :meth:`InlineCritic.attention`, diffusers' ``dispatch_attention_fn`` with the original processor's
+    backend. Not an ``nn.Module``: the critic's parameters live in one :class:`InlineCritic` (shared by every
+    block, FSDP-friendly, kept out of the transformer's ``state_dict``)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, runtime: CriticRuntime, block_index: int, original):
+        self.runtime = runtime
+        self.block_index = block_index
+        self.original = original
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def _attn(self, q, k, v, mask):
+        """``core.AttnFn`` on ``BSHD`` tensors; ``mask`` is a key mask or key bias ``(B | 1, S_k)``."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        m = None if mask is None else mask[:, None, None, :]
+        return dispatch_attention_fn(q, k, v, attn_mask=m, backend=self._attention_backend,
+                                     parallel_config=self._parallel_config)
+
+
 class BoundArgs:
     """A call's ``(args, kwargs)`` addressed by parameter name, edited in place of where each value was passed
     (positional stays positional, keyword stays keyword: decorators such as diffusers' ``apply_lora_scale`` read
