@@ -143,3 +143,50 @@ def test_headroom_runs_are_reproducible_across_processes(critic_editor_dir, tmp_
                        capture_output=True)
         curves.append(json.loads((out / "headroom.json").read_text())["curve"])
     assert [(c["fm"], c["fm_edit"]) for c in curves[0]] == [(c["fm"], c["fm_edit"]) for c in curves[1]]
+
+
+def test_headroom_lora_trains_only_adapters_and_saves_the_merged_editor(critic_editor_dir, tmp_path):
+    """``--lora-rank``: the backbone never changes while training; every block linear gets an adapter; the saved
+    editor is the LoRA folded into the weights (same output as the wrapped model)."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusers_ext.critic.headroom import LoRALinear, add_lora, main as headroom, merge_lora
+
+    tr = FluxTransformer2DModel.from_pretrained(critic_editor_dir, subfolder="transformer")
+    before = {k: v.clone() for k, v in tr.state_dict().items()}
+    blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
+    wrapped = add_lora(tr, blocks, rank=2)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for b in blocks for m in b.modules()
+                   if not isinstance(m, LoRALinear)) - len(wrapped)  # the wrapped bases are still modules
+    assert n_linear == 0 and {"to_q", "proj_out", "linear"} <= {n for _, n, _ in wrapped}
+    assert not any(p.requires_grad for n, p in tr.named_parameters() if not n.endswith((".down", ".up")))
+    for _, _, w in wrapped:  # a trained LoRA: random up
+        torch.nn.init.normal_(w.up, std=0.02)
+    x = torch.randn(1, 16, tr.config.in_channels)
+    kw = dict(encoder_hidden_states=torch.randn(1, 8, tr.config.joint_attention_dim),
+              pooled_projections=torch.randn(1, tr.config.pooled_projection_dim), timestep=torch.tensor([0.5]),
+              img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.), torch.arange(4.),
+                                                 indexing="ij"), -1).reshape(-1, 3),
+              txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]) if tr.config.guidance_embeds else None,
+              return_dict=False)
+    with torch.no_grad():
+        lora_out = tr(x, **kw)[0]
+        merge_lora(wrapped)
+        merged_out = tr(x, **kw)[0]
+    assert not any(isinstance(m, LoRALinear) for m in tr.modules())
+    assert torch.allclose(lora_out, merged_out, atol=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in tr.state_dict().items())
+
+    out = tmp_path / "lora"
+    assert headroom(["--model", str(critic_editor_dir), "--lora-rank", "2", "--steps", "2", "--cases", "8",
+                     "--val-cases", "4", "--batch-size", "2", "--val-every", "2", "--lr", "1e-2", "--threads", "1",
+                     "--out", str(out), "--save-pipeline", str(tmp_path / "lora-editor")]) == 0
+    res = json.loads((out / "headroom.json").read_text())
+    n = sum(w.down.numel() + w.up.numel() for _, _, w in wrapped)
+    assert res["trained"] == "lora" and res["trainable_params"] == n
+    assert res["curve"][-1]["fm"] != res["curve"][0]["fm"]
+    saved = FluxTransformer2DModel.from_pretrained(tmp_path / "lora-editor", subfolder="transformer").state_dict()
+    assert set(saved) == set(before)  # a plain editor: no adapter tensors
+    changed = {k for k in saved if not torch.equal(saved[k], before[k])}
+    assert changed and all(k.startswith(("transformer_blocks", "single_transformer_blocks")) for k in changed)
+    assert all(k.endswith(".weight") for k in changed)  # LoRA moves weights, never biases
