@@ -68,6 +68,10 @@ def random_critic(transformer, seed: int = 0, **overrides):
             a.up.normal_(0, 0.05)
         for g in critic.gates.values():
             g.normal_(0, 1.0)
+        for a in critic.steer_adapters.values():
+            a.up.normal_(0, 0.05)
+            if a.film is not None:
+                a.film.normal_(0, 0.05)
     return critic.eval()
 
 

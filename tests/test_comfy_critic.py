@@ -38,7 +38,8 @@ def critic(pipe, toy_critic_ref, comfy):
     return EditSteerCriticLoader.execute(toy_critic_ref, False)[0]
 
 
-@pytest.mark.parametrize("variant", ["loaded", "l_in in a single block, 2 tokens", "decoupled steering"])
+@pytest.mark.parametrize("variant", ["loaded", "l_in in a single block, 2 tokens", "decoupled steering",
+                                     "steering adapters"])
 def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic, variant):
     """Velocity and error map of ComfyUI's patched Flux equal the diffusers processors' in every mode (1e-4)."""
     from comfy_nodes.critic_patch import apply_critic
@@ -55,6 +56,8 @@ def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic, variant):
     ref_ids[:, 0] = 1
     if variant == "decoupled steering":
         critic = random_critic(pipe.transformer, seed=4, n_tokens=2, steer_attention="decoupled")
+    elif variant == "steering adapters":
+        critic = random_critic(pipe.transformer, seed=5, n_tokens=2, steer_rank=2)
     elif variant != "loaded":
         n_double = len(pipe.transformer.transformer_blocks)
         depth = n_double + len(pipe.transformer.single_transformer_blocks)
@@ -90,9 +93,10 @@ def test_flux_parity_with_the_diffusers_adapter(toy, pipe, critic, variant):
     assert rel_err(results["steer"], results["off"]) > 1e-5
 
 
-def test_qwen_parity_with_the_diffusers_adapter(comfy):
+@pytest.mark.parametrize("steer_rank", [0, 2])
+def test_qwen_parity_with_the_diffusers_adapter(comfy, steer_rank):
     """The same on ComfyUI's Qwen-Image class (critic rows in the conditioning, next text RoPE positions), on a
-    non-square latent with a reference image."""
+    non-square latent with a reference image, with and without steering adapters."""
     from comfy_nodes.critic_patch import apply_critic
     from diffusers_ext.critic import apply_inline_critic, remove_inline_critic
     from diffusers_ext.tiny import random_qwen_prompt_embeds, tiny_qwen_edit_pipeline
@@ -100,7 +104,7 @@ def test_qwen_parity_with_the_diffusers_adapter(comfy):
 
     t = tiny_qwen_edit_pipeline().transformer
     model = comfy_qwen_from_diffusers(t)
-    critic = random_critic(t, seed=1)
+    critic = random_critic(t, seed=1, steer_rank=steer_rank)
     g = torch.Generator().manual_seed(0)
     b, h, w = 2, 8, 12
     x, ref = torch.randn(b, 4, h, w, generator=g), torch.randn(b, 4, h, w, generator=g)
@@ -118,10 +122,11 @@ def test_qwen_parity_with_the_diffusers_adapter(comfy):
             if patch is not None:
                 patch.recorder.reset()
             vc = comfy_velocity(m, x[:, :, None], sigma, seq, ref_latents=[ref[:, :, None]])[:, :, 0]
-            assert record(f"critic qwen {mode}: velocity (rel)", rel_err(vc, unpack_latents(v, h, w))) < 1e-4, mode
+            key = f"critic qwen {mode}" + (f", steer rank {steer_rank}" if steer_rank else "")
+            assert record(f"{key}: velocity (rel)", rel_err(vc, unpack_latents(v, h, w))) < 1e-4, mode
             if mode != "off":
                 want = handle.last_call.error_map().reshape(b, h // 2, w // 2)
-                assert record(f"critic qwen {mode}: error map (rel)", rel_err(patch.recorder.mean_map(), want)) < 1e-4
+                assert record(f"{key}: error map (rel)", rel_err(patch.recorder.mean_map(), want)) < 1e-4
     finally:
         remove_inline_critic(t)
 

@@ -243,3 +243,66 @@ def test_critique_head_reads_image_and_critic_states():
     e.sum().backward()
     assert c.heads["2"].in_h.weight.grad is not None and c.heads["2"].in_c.weight.grad is not None
     assert not torch.equal(c.critique(2, h, cr + 1), e.detach())
+
+
+# -- steering adapters ---------------------------------------------------------------------------------------------
+def _lowrank(x, first, down, up, scale, film=None):
+    """Reference for core.steer_rows: rows [first:) of BSHD x get scale * ((x @ down) * film) @ up."""
+    b, s, h, d = x.shape
+    flat = x.reshape(b, s, h * d).clone()
+    z = flat[:, first:] @ down
+    if film is not None:
+        z = z * film[:, None, :]
+    flat[:, first:] += scale * (z @ up)
+    return flat.reshape(b, s, h, d)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_steer_adapters_correct_the_image_rows_of_qkv_and_output_scaled_by_the_critic(grad):
+    q, k, v = _qkv()
+    start, n, w, r = 4, 2, 16, 3
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(4, w, r, generator=g) * 0.3, torch.randn(4, r, w, generator=g) * 0.3
+    film = torch.randn(4, n * w, r, generator=g) * 0.1
+    kw = dict(start=start, n_c=n, block_mode="steer", scale=0.5)
+    with torch.set_grad_enabled(grad):
+        plain = core.critic_attention(q.clone(), k.clone(), v.clone(), **kw)
+        zero = core.critic_attention(q.clone(), k.clone(), v.clone(), steer_adapter=(down, torch.zeros_like(up)),
+                                     **kw)
+        out = core.critic_attention(q.clone(), k.clone(), v.clone(), steer_adapter=(down, up, film), **kw)
+        read = core.critic_attention(q.clone(), k.clone(), v.clone(), **{**kw, "block_mode": "read"})
+        read_a = core.critic_attention(q.clone(), k.clone(), v.clone(), steer_adapter=(down, up, film),
+                                       **{**kw, "block_mode": "read"})
+        off = core.critic_attention(q.clone(), k.clone(), v.clone(), steer_adapter=(down, up, film),
+                                    **{**kw, "scale": 0.0})
+    assert torch.equal(zero, plain)  # a new adapter (up = 0) is the identity
+    assert torch.equal(read_a, read) and torch.equal(off, read)  # only steer blocks with scale > 0 use it
+    # reference: the film from the critic's value rows, low-rank corrections of rows after the critic
+    vc = core.take_rows(v, start, n).reshape(2, n, w)
+    f = 1 + torch.einsum("bi,pir->pbr", torch.nn.functional.layer_norm(vc, (w,), eps=1e-6).reshape(2, n * w), film)
+    first = start + n
+    qa, ka, va = (_lowrank(x, first, down[i], up[i], 0.5, f[i]) for i, x in enumerate((q, k, v)))
+    bias = core.steer_key_bias(None, q.shape[1], start, n, 0.5, 2, q.device, q.dtype)
+    ref = _lowrank(_ref_attention(qa, ka, va, bias), first, down[3], up[3], 0.5, f[3])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(out, core.critic_attention(q.clone(), k.clone(), v.clone(), steer_adapter=(down, up),
+                                                          **kw))  # the film (the critic's state) matters
+
+
+@pytest.mark.parametrize("conditioned", [True, False])
+def test_steer_adapter_critic_starts_as_the_plain_critic_and_round_trips(tmp_path, conditioned):
+    c = _critic(steer_rank=3, steer_conditioned=conditioned, mode="steer")
+    assert sorted(c.steer_adapters) == ["2", "3"] and c.steer_adapter_for(1) is None
+    a = c.steer_adapters["3"]
+    assert torch.count_nonzero(a.up) == 0 and (a.film is None) != conditioned
+    assert c.config.metadata()["steer_rank"] == "3"
+    with torch.no_grad():
+        a.up.normal_(0, 0.1)
+        if conditioned:
+            a.film.normal_(0, 0.1)
+    c.save_pretrained(tmp_path / "c")
+    d = InlineCritic.from_pretrained(tmp_path / "c")
+    assert d.config.steer_rank == 3 and d.config.steer_conditioned == conditioned
+    assert all(torch.equal(x, y) for x, y in zip(d.steer_adapters["3"].pair(), a.pair()))
+    with pytest.raises(EditSteerConfigError, match="steer_rank"):
+        CriticConfig(**FLUX, steer_rank=-1)

@@ -81,6 +81,10 @@ class CriticConfig:
         adapter_rank: rank of the per-block low-rank adapters on the critic rows' q/k/v (0 = none, the plain token).
         steer_attention: ``"joint"`` or ``"decoupled"`` (see :data:`STEER_ATTENTION`); ``decoupled`` adds one
             learned gate per head to every steering block.
+        steer_rank: rank of the steering adapters (0 = none): in every steering block, low-rank corrections of the
+            image rows' q, k, v and attention output, active in ``steer`` mode only, scaled by the steer scale.
+        steer_conditioned: whether the steering adapters' bottleneck is scaled by the critic's state at that block
+            (``False``: plain adapters, the ablation that tells what the critic adds to them).
         base_model: the checkpoint the critic was trained against (an id or Hub repo), informative.
         stage: training stage that produced the weights (0 untrained, 2 masked critic, 3 unmasked joint).
     """
@@ -101,6 +105,8 @@ class CriticConfig:
     head_hidden: int = 64
     adapter_rank: int = 0
     steer_attention: str = "joint"
+    steer_rank: int = 0
+    steer_conditioned: bool = True
     base_model: str = ""
     stage: int = 0
     extra: dict = field(default_factory=dict)
@@ -151,6 +157,8 @@ class CriticConfig:
             bad(f"head_hidden must be >= 1, got {self.head_hidden}")
         if self.adapter_rank < 0:
             bad(f"adapter_rank must be >= 0, got {self.adapter_rank}")
+        if isinstance(self.steer_rank, bool) or not isinstance(self.steer_rank, int) or self.steer_rank < 0:
+            bad(f"steer_rank must be an integer >= 0, got {self.steer_rank!r}")
         if self.steer_attention not in STEER_ATTENTION:
             bad(f"steer_attention must be one of {', '.join(STEER_ATTENTION)}, got {self.steer_attention!r}")
 
@@ -205,6 +213,10 @@ class CriticConfig:
         """Blocks that carry a decoupled-steering gate: every steering block (none for ``joint`` steering)."""
         return tuple(range(self.first_steer_block, self.depth)) if self.steer_attention == "decoupled" else ()
 
+    def steer_adapter_blocks(self) -> tuple[int, ...]:
+        """Blocks that carry a steering adapter: every steering block (none when ``steer_rank`` is 0)."""
+        return tuple(range(self.first_steer_block, self.depth)) if self.steer_rank else ()
+
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -242,9 +254,13 @@ class CriticConfig:
             "stage": str(self.stage),
             "adapter_rank": str(self.adapter_rank),
             "steer_attention": self.steer_attention,
+            "steer_rank": str(self.steer_rank),
             "trainable": "critic tokens, critique head" + (
                 f", per-block critic q/k/v adapters (rank {self.adapter_rank} + offsets)" if self.adapter_rank else "")
-            + (", per-head gates of the decoupled critic attention" if self.steer_attention == "decoupled" else ""),
+            + (", per-head gates of the decoupled critic attention" if self.steer_attention == "decoupled" else "")
+            + (f", steering adapters on the image rows' q/k/v and attention output (rank {self.steer_rank}, "
+               + ("bottleneck scaled by the critic" if self.steer_conditioned else "unconditioned")
+               + "; backbone weights frozen)" if self.steer_rank else ""),
             "pack_version": PACK_VERSION,
             "config": self.to_json(),
         }

@@ -24,7 +24,10 @@ Block modes (see :meth:`CriticConfig.block_mode`)
     sequence; critic keys get the additive logit bias ``log(scale)`` (``scale == 1``: no bias; ``scale == 0``:
     read). With a ``gate`` (decoupled steering, :func:`critic_steer`), ``steer`` is the ``read`` computation plus,
     for every main row, a separate attention over the critic keys alone times ``scale * gate``. Per-block low-rank
-    adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first.
+    adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first. Steering adapters, when
+    present (``steer`` blocks with ``scale > 0``, :func:`steer_rows`), add low-rank corrections to the image rows
+    (every row after the critic) of ``q, k, v`` (post-RoPE) and of the attention output, their bottleneck scaled by
+    what the critic holds at this block (:func:`critic_film`).
 
 Example::
 
@@ -105,6 +108,30 @@ def adapt_critic_rows(qc, kc, vc, adapter: tuple[torch.Tensor, ...] | None):
             lowrank_residual(vc, down[2], up[2], bias[2]))
 
 
+def critic_film(vc: torch.Tensor, film: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-sample bottleneck scales of a block's steering adapters from the critic's value rows
+    ``vc (B, n_c, H, Dh)``: ``1 + LN(vc).flatten() @ film`` with ``film (4, n_c*H*Dh, r)`` -> ``(4, B, r)`` float32
+    (``None`` without ``film``: unconditioned adapters). ``film`` starts at zero (scales of one)."""
+    if film is None:
+        return None
+    b, n, h, d = vc.shape
+    z = F.layer_norm(vc.float().reshape(b, n, h * d), (h * d,), eps=1e-6).reshape(b, n * h * d)
+    return 1 + torch.einsum("bi,pir->pbr", z, film.float())
+
+
+def steer_rows(x: torch.Tensor, first: int, down: torch.Tensor, up: torch.Tensor, scale: float,
+               film: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (B, S, H, Dh)`` with ``scale * ((x @ down) * film) @ up`` added to rows ``[first, S)`` on the flattened
+    heads (``down (H*Dh, r)``, ``up (r, H*Dh)``, ``film (B, r)`` or ``None``; float32). Out of place."""
+    rows = x[:, first:]
+    b, n, h, d = rows.shape
+    z = rows.reshape(b, n, h * d).to(down.dtype) @ down
+    if film is not None:
+        z = z * film[:, None, :].to(z.dtype)
+    delta = (z @ up) * float(scale)
+    return torch.cat([x[:, :first], rows + delta.reshape(b, n, h, d).to(x.dtype)], dim=1)
+
+
 def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The critic's own attention: queries ``qc (B, n_c, H, Dh)`` over the main keys ``k, v (B, S, H, Dh)`` and the
@@ -159,11 +186,14 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
                      block_mode: str, scale: float = 1.0, key_mask: torch.Tensor | None = None,
                      adapter: tuple[torch.Tensor, ...] | None = None,
                      gate: torch.Tensor | None = None,
+                     steer_adapter: tuple[torch.Tensor, ...] | None = None,
                      attn_fn: AttnFn = sdpa_bshd) -> torch.Tensor:
     """One block's attention with the critic rows at ``[start, start + n_c)`` of the joint ``BSHD`` sequence.
 
     Returns the attention output in the same joint layout (before the output projections). See the module
-    docstring for the layout and the block modes.
+    docstring for the layout and the block modes. ``steer_adapter`` is ``(down (4, W, r), up (4, r, W)[, film
+    (4, n_c*W, r)])`` for the image rows of ``q, k, v`` and the output (index 0-3), used in ``steer`` blocks with
+    ``scale > 0`` only.
 
     With autograd off, ``q``, ``k`` and ``v`` are used as scratch space (the critic rows are rewritten and, in
     read mode, swapped with the last rows so that the main tokens are a zero-copy view): callers must not reuse
@@ -173,6 +203,15 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
         return attn_fn(q, k, v, key_mask)
     if block_mode not in BLOCK_MODES:
         raise ValueError(f"unknown block mode {block_mode!r}")
+    if block_mode == "steer" and scale > 0 and steer_adapter is not None:
+        down, up = steer_adapter[0], steer_adapter[1]
+        film = critic_film(take_rows(v, start, n_c), steer_adapter[2] if len(steer_adapter) > 2 else None)
+        f = (lambda i: None) if film is None else (lambda i: film[i])
+        first = start + n_c
+        q, k, v = (steer_rows(x, first, down[i], up[i], scale, f(i)) for i, x in enumerate((q, k, v)))
+        out = critic_attention(q, k, v, start=start, n_c=n_c, block_mode=block_mode, scale=scale,
+                               key_mask=key_mask, adapter=adapter, gate=gate, attn_fn=attn_fn)
+        return steer_rows(out, first, down[3], up[3], scale, f(3))
     inplace = not torch.is_grad_enabled()
     qc, kc, vc = take_rows(q, start, n_c), take_rows(k, start, n_c), take_rows(v, start, n_c)
     if block_mode != "dormant":

@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--flux-text", type=int, default=512, help="T5 tokens (FLUX.1 Kontext default 512)")
     p.add_argument("--qwen-text", type=int, default=256, help="prompt tokens for Qwen-Image")
     p.add_argument("--adapter-rank", type=int, default=4)
+    p.add_argument("--steer-rank", type=int, default=0, help="rank of the steering adapters (0: none)")
     p.add_argument("--n-tokens", type=int, default=1, help="critic tokens n_c (the bundled toy-critic has 4)")
     p.add_argument("--model", default=None, help="toy editor (default: bundled)")
     p.add_argument("--device", default="cpu")
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     only = {s.strip() for s in args.only.split(",")}
-    crit = {"n_tokens": args.n_tokens, "l_in": 0, "adapter_rank": args.adapter_rank}
+    crit = {"n_tokens": args.n_tokens, "l_in": 0, "adapter_rank": args.adapter_rank, "steer_rank": args.steer_rank}
     results = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
                "platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                "critic": {**crit, "l_c": "l_in + depth/3", "note": "l_in = 0: every block carries the critic"},

@@ -75,6 +75,21 @@ class CriticAdapter(nn.Module):
         return self.down, self.up, self.bias
 
 
+class SteerAdapter(nn.Module):
+    """One steering block's low-rank corrections of the image rows of q, k, v (post-RoPE) and of the attention
+    output (``core.steer_rows``), their bottleneck scaled per sample by the critic's value rows
+    (``core.critic_film``) when ``conditioned``. ``up`` and ``film`` start at zero: a new adapter is the identity."""
+
+    def __init__(self, width: int, rank: int, n_tokens: int, conditioned: bool = True):
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(4, width, rank) / math.sqrt(width))
+        self.up = nn.Parameter(torch.zeros(4, rank, width))
+        self.film = nn.Parameter(torch.zeros(4, n_tokens * width, rank)) if conditioned else None
+
+    def pair(self) -> tuple[torch.Tensor, ...]:
+        return (self.down, self.up) if self.film is None else (self.down, self.up, self.film)
+
+
 class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["inline-critic", "image-editing"],
                    repo_url="https://github.com/editsteer/editsteer"):
     """Critic tokens + critique heads (+ optional per-block critic adapters) for one backbone.
@@ -82,7 +97,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     Parameters (state-dict keys): ``tokens (n_c, width)``; ``heads.<l_c>.*`` (one :class:`CritiqueHead` per
     critique block); ``adapters.<block>.down (3, width, r)`` / ``.up (3, r, width)`` / ``.bias (3, n_c, width)`` for every
     block from ``l_in`` when ``adapter_rank > 0``; ``gates.<block> (num_heads,)`` for every steering block when
-    ``steer_attention == "decoupled"``. Keep them in float32; they are cast to the activations' dtype where they meet them.
+    ``steer_attention == "decoupled"``; ``steer_adapters.<block>.down (4, width, r)`` / ``.up (4, r, width)`` /
+    ``.film (4, n_c*width, r)`` (:class:`SteerAdapter`) for every steering block when ``steer_rank > 0``. Keep them in float32; they are cast to the activations' dtype where they meet them.
     """
 
     def __init__(self, config: CriticConfig):
@@ -97,6 +113,9 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
                                        for b in config.adapter_blocks()})
         self.gates = nn.ParameterDict({str(b): nn.Parameter(torch.zeros(config.num_heads))
                                        for b in config.gate_blocks()})
+        self.steer_adapters = nn.ModuleDict({
+            str(b): SteerAdapter(w, config.steer_rank, config.n_tokens, config.steer_conditioned)
+            for b in config.steer_adapter_blocks()})
 
     # -- per-call computations (shared with the ComfyUI adapter) ------------------------------------------------
     def token_rows(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -113,6 +132,10 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     def gate_for(self, block: int) -> torch.Tensor | None:
         return self.gates[str(block)] if str(block) in self.gates else None
 
+    def steer_adapter_for(self, block: int):
+        a = self.steer_adapters[str(block)] if str(block) in self.steer_adapters else None
+        return None if a is None else a.pair()
+
     def attention(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int,
                   mode: str | None = None, scale: float | None = None, key_mask: torch.Tensor | None = None,
                   attn_fn: core.AttnFn = core.sdpa_bshd) -> torch.Tensor:
@@ -121,7 +144,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
         return core.critic_attention(
             q, k, v, start=start, n_c=self.config.n_tokens, block_mode=self.block_mode(block, mode),
             scale=self.config.steer_scale if scale is None else scale, key_mask=key_mask,
-            adapter=self.adapter_for(block), gate=self.gate_for(block), attn_fn=attn_fn)
+            adapter=self.adapter_for(block), gate=self.gate_for(block),
+            steer_adapter=self.steer_adapter_for(block), attn_fn=attn_fn)
 
     def critique(self, block: int, h_img: torch.Tensor, h_critic: torch.Tensor) -> torch.Tensor:
         """Predicted log-normalised error per image token, read after block ``block``: ``(B, N)`` float32.
@@ -238,7 +262,7 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     def extra_repr(self) -> str:
         c = self.config
         return (f"arch={c.arch}, width={c.width}, n_c={c.n_tokens}, l_in={c.l_in}, l_c={list(c.l_c)}, "
-                f"mode={c.mode}, adapter_rank={c.adapter_rank}, steer_attention={c.steer_attention}, stage={c.stage}")
+                f"mode={c.mode}, adapter_rank={c.adapter_rank}, steer_rank={c.steer_rank}, steer_attention={c.steer_attention}, stage={c.stage}")
 
 
 # -- probes (stage 1 and the probe diagnostic) ---------------------------------------------------------------------
@@ -307,4 +331,4 @@ class ProbeHeads(nn.Module):
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "CriticAdapter", "CritiqueHead", "InlineCritic", "ProbeHead",
-           "ProbeHeads", "check_mode"]
+           "ProbeHeads", "SteerAdapter", "check_mode"]

@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="critique block(s), comma-separated, or 'auto' (l_in + a third of the remaining depth)")
     p.add_argument("--steer-start", type=int, default=None, help="first steering block (default l_in + 1)")
     p.add_argument("--adapter-rank", type=int, default=0, help="rank of per-block critic q/k/v adapters (0: none)")
+    p.add_argument("--steer-rank", type=int, default=0,
+                   help="rank of the steering adapters on the image rows' q/k/v/output of every steering block")
+    p.add_argument("--steer-unconditioned", action="store_true",
+                   help="steering adapters not scaled by the critic's state (the ablation)")
     p.add_argument("--steer-attention", choices=("joint", "decoupled"), default="joint",
                    help="how steering blocks attend to the critic: one joint softmax, or a separate gated attention "
                         "added to the frozen one (zero-initialised gates)")
@@ -417,7 +421,8 @@ def run(args) -> int:
             run_state["l_in"], run_state["l_c"] = l_in, l_c
         cfg_kwargs = dict(l_in=run_state["l_in"], n_tokens=args.n_tokens, adapter_rank=args.adapter_rank,
                           head_hidden=args.head_hidden, steer_start=args.steer_start,
-                          steer_attention=args.steer_attention, base_model=str(args.model or "toy-kontext-editor"))
+                          steer_attention=args.steer_attention, steer_rank=args.steer_rank,
+                          steer_conditioned=not args.steer_unconditioned, base_model=str(args.model or "toy-kontext-editor"))
         if run_state["l_c"] is not None:
             cfg_kwargs["l_c"] = tuple(run_state["l_c"])
         critic_stages = [s for s in stages if s > 1]
