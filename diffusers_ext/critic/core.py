@@ -122,14 +122,15 @@ def critic_film(vc: torch.Tensor, film: torch.Tensor | None) -> torch.Tensor | N
 def steer_rows(x: torch.Tensor, first: int, down: torch.Tensor, up: torch.Tensor, scale: float,
                film: torch.Tensor | None = None) -> torch.Tensor:
     """``x (B, S, H, Dh)`` with ``scale * ((x @ down) * film) @ up`` added to rows ``[first, S)`` on the flattened
-    heads (``down (H*Dh, r)``, ``up (r, H*Dh)``, ``film (B, r)`` or ``None``; float32). Out of place."""
+    heads (``down (H*Dh, r)``, ``up (r, H*Dh)``, ``film (B, r)`` or ``None``). Computed in ``x``'s dtype, like a
+    LoRA: a float32 copy of every image row would cost more than the adapter itself. Out of place."""
     rows = x[:, first:]
     b, n, h, d = rows.shape
-    z = rows.reshape(b, n, h * d).to(down.dtype) @ down
+    z = rows.reshape(b, n, h * d) @ down.to(x.dtype)
     if film is not None:
-        z = z * film[:, None, :].to(z.dtype)
-    delta = (z @ up) * float(scale)
-    return torch.cat([x[:, :first], rows + delta.reshape(b, n, h, d).to(x.dtype)], dim=1)
+        z = z * film[:, None, :].to(x.dtype)
+    delta = (z @ up.to(x.dtype)) * float(scale)
+    return torch.cat([x[:, :first], rows + delta.reshape(b, n, h, d)], dim=1)
 
 
 def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
