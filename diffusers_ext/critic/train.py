@@ -503,7 +503,9 @@ def export(critic, folder: Path, register: str | None, command: str, description
             status="unpublished", repo_id=f"editsteer/{register}", bundled_path=register, produced_by=command,
             description=description or (f"Inline Critic for the toy Kontext editor (stage {c.stage}, n_c="
                                         f"{c.n_tokens}, l_in={c.l_in}, l_c={list(c.l_c)}, adapter rank "
-                                        f"{c.adapter_rank})"),
+                                        f"{c.adapter_rank}"
+                                        + (f", steering adapters rank {c.steer_rank}" if c.steer_rank else "")
+                                        + ")"),
             extra={"critic": {k: v for k, v in c.metadata().items() if k not in ("config", "format")},
                    **({"training": record} if record is not None else {})})
         print(f"registered weights_manifest/{write_entry(art).name}", file=sys.stderr)
