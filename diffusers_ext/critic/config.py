@@ -159,6 +159,8 @@ class CriticConfig:
             bad(f"adapter_rank must be >= 0, got {self.adapter_rank}")
         if isinstance(self.steer_rank, bool) or not isinstance(self.steer_rank, int) or self.steer_rank < 0:
             bad(f"steer_rank must be an integer >= 0, got {self.steer_rank!r}")
+        if not isinstance(self.steer_conditioned, bool):
+            bad(f"steer_conditioned must be true or false, got {self.steer_conditioned!r}")
         if self.steer_attention not in STEER_ATTENTION:
             bad(f"steer_attention must be one of {', '.join(STEER_ATTENTION)}, got {self.steer_attention!r}")
 

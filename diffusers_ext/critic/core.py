@@ -207,12 +207,12 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
     if block_mode == "steer" and scale > 0 and steer_adapter is not None:
         down, up = steer_adapter[0], steer_adapter[1]
         film = critic_film(take_rows(v, start, n_c), steer_adapter[2] if len(steer_adapter) > 2 else None)
-        f = (lambda i: None) if film is None else (lambda i: film[i])
+        films = [None] * 4 if film is None else list(film)
         first = start + n_c
-        q, k, v = (steer_rows(x, first, down[i], up[i], scale, f(i)) for i, x in enumerate((q, k, v)))
+        q, k, v = (steer_rows(x, first, down[i], up[i], scale, films[i]) for i, x in enumerate((q, k, v)))
         out = critic_attention(q, k, v, start=start, n_c=n_c, block_mode=block_mode, scale=scale,
                                key_mask=key_mask, adapter=adapter, gate=gate, attn_fn=attn_fn)
-        return steer_rows(out, first, down[3], up[3], scale, f(3))
+        return steer_rows(out, first, down[3], up[3], scale, films[3])
     inplace = not torch.is_grad_enabled()
     qc, kc, vc = take_rows(q, start, n_c), take_rows(k, start, n_c), take_rows(v, start, n_c)
     if block_mode != "dormant":

@@ -80,7 +80,8 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(transformer, blocks, rank: int) -> list:
-    """Wrap every ``nn.Linear`` of ``blocks`` (attention, MLP, AdaLN modulation) in a rank-``rank`` LoRA; returns ``(parent, name, wrapper)`` triples (the wrappers' ``down``/``up`` are the trainable parameters)."""
+    """Wrap every ``nn.Linear`` of ``blocks`` (attention, MLP, AdaLN modulation) in a rank-``rank`` LoRA. Returns
+    ``(parent, name, wrapper)`` triples; the wrappers' ``down`` / ``up`` are the trainable parameters."""
     transformer.requires_grad_(False)
     wrapped = []
     for block in blocks:
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     (out / "headroom.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.save_pipeline:
         pipe.save_pretrained(args.save_pipeline)
-    print(f"fine-tuning ({trained}, {result['trainable_params']} parameters): fm {result['change_pct']['fm']:+.1f} %, fm_edit "
+    print(f"fine-tuning ({trained}, {result['trainable_params']} parameters): "
+          f"fm {result['change_pct']['fm']:+.1f} %, fm_edit "
           f"{result['change_pct']['fm_edit']:+.1f} % after {args.steps} steps; wrote {out / 'headroom.json'}",
           file=sys.stderr)
     return 0

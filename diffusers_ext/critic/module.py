@@ -98,7 +98,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     critique block); ``adapters.<block>.down (3, width, r)`` / ``.up (3, r, width)`` / ``.bias (3, n_c, width)`` for every
     block from ``l_in`` when ``adapter_rank > 0``; ``gates.<block> (num_heads,)`` for every steering block when
     ``steer_attention == "decoupled"``; ``steer_adapters.<block>.down (4, width, r)`` / ``.up (4, r, width)`` /
-    ``.film (4, n_c*width, r)`` (:class:`SteerAdapter`) for every steering block when ``steer_rank > 0``. Keep them in float32; they are cast to the activations' dtype where they meet them.
+    ``.film (4, n_c*width, r)`` (:class:`SteerAdapter`) for every steering block when ``steer_rank > 0``. Keep them
+    in float32; they are cast to the activations' dtype where they meet them.
     """
 
     def __init__(self, config: CriticConfig):
@@ -262,7 +263,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
     def extra_repr(self) -> str:
         c = self.config
         return (f"arch={c.arch}, width={c.width}, n_c={c.n_tokens}, l_in={c.l_in}, l_c={list(c.l_c)}, "
-                f"mode={c.mode}, adapter_rank={c.adapter_rank}, steer_rank={c.steer_rank}, steer_attention={c.steer_attention}, stage={c.stage}")
+                f"mode={c.mode}, adapter_rank={c.adapter_rank}, steer_rank={c.steer_rank}, "
+                f"steer_attention={c.steer_attention}, stage={c.stage}")
 
 
 # -- probes (stage 1 and the probe diagnostic) ---------------------------------------------------------------------
