@@ -120,17 +120,21 @@ def critic_film(vc: torch.Tensor, film: torch.Tensor | None) -> torch.Tensor | N
 
 
 def steer_rows(x: torch.Tensor, first: int, down: torch.Tensor, up: torch.Tensor, scale: float,
-               film: torch.Tensor | None = None) -> torch.Tensor:
+               film: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """``x (B, S, H, Dh)`` with ``scale * ((x @ down) * film) @ up`` added to rows ``[first, S)`` on the flattened
     heads (``down (H*Dh, r)``, ``up (r, H*Dh)``, ``film (B, r)`` or ``None``). Computed in ``x``'s dtype, like a
-    LoRA: a float32 copy of every image row would cost more than the adapter itself. Out of place."""
+    LoRA: a float32 copy of every image row would cost more than the adapter itself. ``inplace`` adds into ``x``
+    (no copy of the sequence; autograd off only)."""
     rows = x[:, first:]
     b, n, h, d = rows.shape
     z = rows.reshape(b, n, h * d) @ down.to(x.dtype)
     if film is not None:
         z = z * film[:, None, :].to(x.dtype)
-    delta = (z @ up.to(x.dtype)) * float(scale)
-    return torch.cat([x[:, :first], rows + delta.reshape(b, n, h, d)], dim=1)
+    delta = ((z @ up.to(x.dtype)) * float(scale)).reshape(b, n, h, d)
+    if inplace:
+        rows.add_(delta)
+        return x
+    return torch.cat([x[:, :first], rows + delta], dim=1)
 
 
 def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
@@ -208,11 +212,11 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
         down, up = steer_adapter[0], steer_adapter[1]
         film = critic_film(take_rows(v, start, n_c), steer_adapter[2] if len(steer_adapter) > 2 else None)
         films = [None] * 4 if film is None else list(film)
-        first = start + n_c
-        q, k, v = (steer_rows(x, first, down[i], up[i], scale, films[i]) for i, x in enumerate((q, k, v)))
+        first, inplace = start + n_c, not torch.is_grad_enabled()
+        q, k, v = (steer_rows(x, first, down[i], up[i], scale, films[i], inplace) for i, x in enumerate((q, k, v)))
         out = critic_attention(q, k, v, start=start, n_c=n_c, block_mode=block_mode, scale=scale,
                                key_mask=key_mask, adapter=adapter, gate=gate, attn_fn=attn_fn)
-        return steer_rows(out, first, down[3], up[3], scale, films[3])
+        return steer_rows(out, first, down[3], up[3], scale, films[3], inplace)
     inplace = not torch.is_grad_enabled()
     qc, kc, vc = take_rows(q, start, n_c), take_rows(k, start, n_c), take_rows(v, start, n_c)
     if block_mode != "dormant":
