@@ -117,6 +117,8 @@ def main(argv=None) -> int:
                    help="train a rank-R LoRA on the block linears instead of the whole transformer (0: whole)")
     p.add_argument("--save-pipeline", default=None, metavar="DIR", help="save the fine-tuned pipeline here")
     args = p.parse_args(argv)
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0, got {args.lora_rank}")
 
     from ..toy.editor import load_toy_editor
     from .data import KontextEditData
@@ -129,8 +131,6 @@ def main(argv=None) -> int:
     data = KontextEditData.from_toy_world(pipe, args.cases, split="train", seed=args.seed)
     val = KontextEditData.from_toy_world(pipe, args.val_cases, split="train", seed=args.seed + 1)
     curve = [{"step": 0, **validate(tr, val)}]
-    if args.lora_rank < 0:
-        raise SystemExit(f"--lora-rank must be >= 0, got {args.lora_rank}")
     wrapped = []
     if args.lora_rank:
         from .apply import family_of
