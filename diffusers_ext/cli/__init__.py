@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "edit": "diffusers_ext.cli.edit",
     "weights": "diffusers_ext.cli.weights",
     "bench": "diffusers_ext.bench.cli",
+    "compare": "diffusers_ext.bench.compare",
     "train": "diffusers_ext.cli.train",
     "probe": "diffusers_ext.critic.probe",
 }
