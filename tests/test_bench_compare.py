@@ -90,3 +90,9 @@ def test_different_cases_and_multiturn_runs_are_refused(tmp_path, capsys):
     mt = _bench(tmp_path, "identity-mt", 1, 0, "--turns", "2")
     with pytest.raises(EditSteerConfigError, match="single-turn"):
         paired_comparison(json.loads((mt / "results.json").read_text()), json.loads((a / "results.json").read_text()))
+
+
+def test_help_renders(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--help"])
+    assert e.value.code == 0 and "bootstrap" in capsys.readouterr().out

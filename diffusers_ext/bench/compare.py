@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import EditSteerConfigError
 
-HELP = "compare two bench runs case by case (paired differences with 95 % bootstrap intervals)"
+HELP = "compare two bench runs case by case (paired differences with bootstrap intervals)"
 DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`")
 
 #: per-case metrics compared by default for single-turn runs (those present in both runs)
@@ -109,7 +109,8 @@ def paired_comparison(base: dict, method: dict, *, keys: tuple[str, ...] = KEYS,
 def table(comparison: dict) -> str:
     """A Markdown table of :func:`paired_comparison`'s result."""
     pct = int(round(comparison["level"] * 100))
-    lines = [f"{comparison['method']} vs {comparison['base_method']}: {comparison['cases']} {comparison['split']} "
+    names = comparison.get("inputs") or {"method": comparison["method"], "base": comparison["base_method"]}
+    lines = [f"{names['method']} vs {names['base']}: {comparison['cases']} {comparison['split']} "
              f"cases, seed {comparison['seed']}; {pct} % bootstrap intervals ({comparison['n_boot']} resamples)",
              "", f"| metric | n | base | method | difference [{pct} %] | relative [{pct} %] |", "|---" * 6 + "|"]
     for key, e in comparison["metrics"].items():
@@ -118,6 +119,12 @@ def table(comparison: dict) -> str:
              if "rel" in e else "-")
         lines.append(f"| {key} | {e['n']} | {e['base']:.4g} | {e['method']:.4g} | {d} | {r} |")
     return "\n".join(lines)
+
+
+def _label(path: str) -> str:
+    """A run's name for the report: its folder (``runs/bench/critic/results.json`` -> ``runs/bench/critic``)."""
+    p = Path(path)
+    return str(p.parent if p.name == "results.json" else p)
 
 
 def add_arguments(p) -> None:
@@ -134,7 +141,7 @@ def run(args) -> int:
     keys = tuple(k.strip() for k in args.metrics.split(",") if k.strip()) if args.metrics else KEYS
     res = paired_comparison(load_results(args.base), load_results(args.method), keys=keys, n_boot=args.boot,
                             seed=args.boot_seed, level=args.level)
-    res["inputs"] = {"base": str(args.base), "method": str(args.method)}
+    res["inputs"] = {"base": _label(args.base), "method": _label(args.method)}
     res["command"] = getattr(args, "_command", None)
     print(table(res))
     if args.out:
