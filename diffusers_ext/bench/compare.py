@@ -70,9 +70,9 @@ def paired_comparison(base: dict, method: dict, *, keys: tuple[str, ...] = KEYS,
             f"the two runs are not on the same cases ({len(ids_b)} vs {len(ids_m)} cases; first difference at "
             f"position {diff}): run both with the same --cases, --seed, --split and --families")
     if n_boot < 1:
-        raise EditSteerConfigError("n_boot must be at least 1")
+        raise EditSteerConfigError("the number of bootstrap resamples (--boot) must be at least 1")
     if not 0 < level < 1:
-        raise EditSteerConfigError("level must be in (0, 1)")
+        raise EditSteerConfigError("the interval level (--level) must be in (0, 1)")
     n = len(ids_b)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), dtype=int)
