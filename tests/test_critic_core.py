@@ -306,3 +306,17 @@ def test_steer_adapter_critic_starts_as_the_plain_critic_and_round_trips(tmp_pat
     assert all(torch.equal(x, y) for x, y in zip(d.steer_adapters["3"].pair(), a.pair()))
     with pytest.raises(EditSteerConfigError, match="steer_rank"):
         CriticConfig(**FLUX, steer_rank=-1)
+
+
+def test_flow_matching_loss_weights_the_edit_tokens():
+    g = torch.Generator().manual_seed(0)
+    v_hat, v_star = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    edit = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    per_token = (v_hat - v_star).pow(2).mean(-1)
+    assert torch.allclose(core.flow_matching_loss(v_hat, v_star), torch.nn.functional.mse_loss(v_hat, v_star))
+    assert torch.allclose(core.flow_matching_loss(v_hat, v_star, edit, 0.0), per_token.mean())
+    w = 1 + 3 * edit.float()
+    assert torch.allclose(core.flow_matching_loss(v_hat, v_star, edit, 3.0), (per_token * w).sum() / w.sum())
+    fm, fm_edit = core.fm_sums(v_hat, v_star, edit)
+    assert fm == pytest.approx(per_token.mean().item()) and fm_edit == pytest.approx(per_token[edit].mean().item())
+    assert core.fm_sums(v_hat, v_star)[1] is None

@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EditSteerConfigError
+from ..toy.bench import METRIC_KEYS as KEYS  # per-case metrics compared by default (those present in both runs)
 
 HELP = "compare two bench runs case by case (paired differences with bootstrap intervals)"
 DESCRIPTION = __doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`")
-
-#: per-case metrics compared by default for single-turn runs (those present in both runs)
-KEYS = ("edit_region_mse", "edit_success", "edit_accuracy", "background_psnr", "leakage", "psnr", "ssim")
 
 
 def load_results(path: str | Path) -> dict:

@@ -310,3 +310,26 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Flow-matching velocity target ``v* = noise - x0`` (``x_t = (1 - sigma) x0 + sigma noise``)."""
     return noise - x0
+
+
+def flow_matching_loss(v_hat: torch.Tensor, v_star: torch.Tensor, edit_tokens: torch.Tensor | None = None,
+                       edit_weight: float = 0.0) -> torch.Tensor:
+    """Flow-matching MSE (mean over channels, then tokens) in float32. With ``edit_tokens (B, N)`` and
+    ``edit_weight > 0``, edit tokens weigh ``1 + edit_weight``: the stage-3 loss of ``editsteer train critic``,
+    and the loss of the headroom reference, which must train on the very same objective."""
+    err = (v_hat.float() - v_star.float()).pow(2).mean(-1)  # (B, tokens)
+    if edit_weight and edit_tokens is not None:
+        w = 1.0 + edit_weight * edit_tokens.to(err)
+        return (err * w).sum() / w.sum()
+    return err.mean()
+
+
+def fm_sums(v: torch.Tensor, v_star: torch.Tensor,
+            edit_tokens: torch.Tensor | None = None) -> tuple[float, float | None]:
+    """Flow-matching MSE of one batch, and the same over the edit tokens only (``None`` without a mask): the
+    validation numbers (``fm``, ``fm_edit``) of the critic trainer and of the headroom reference."""
+    err = (v.float() - v_star.float()).pow(2).mean(-1)  # (B, tokens)
+    if edit_tokens is None:
+        return float(err.mean()), None
+    m = edit_tokens.float()
+    return float(err.mean()), float((err * m).sum() / m.sum().clamp_min(1))

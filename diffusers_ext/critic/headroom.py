@@ -34,14 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-
-def fm_sums(v, v_star, edit_tokens=None) -> tuple[float, float | None]:
-    """Flow-matching MSE of one batch, and the same over the edit tokens only (``None`` without a mask)."""
-    err = (v.float() - v_star.float()).pow(2).mean(-1)  # (B, tokens)
-    if edit_tokens is None:
-        return float(err.mean()), None
-    m = edit_tokens.float()
-    return float(err.mean()), float((err * m).sum() / m.sum().clamp_min(1))
+from .core import flow_matching_loss, fm_sums
 
 
 def validate(transformer, data, seed: int = 123, batch_size: int = 32) -> dict:
@@ -148,9 +141,8 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(hash((args.seed, -1, step)) % (2**63))  # ints only: no hash salt
         batch = data.batch(torch.randint(len(data), (args.batch_size,), generator=g))
         x_t, v_star, sigma = data.noised(batch, g)
-        err = (data.forward(tr, batch, x_t, sigma).float() - v_star.float()).pow(2).mean(-1)
-        w = 1.0 + args.edit_weight * batch["edit_tokens"].to(err)
-        loss = (err * w).sum() / w.sum()
+        v_hat = data.forward(tr, batch, x_t, sigma)
+        loss = flow_matching_loss(v_hat, v_star, batch["edit_tokens"], args.edit_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

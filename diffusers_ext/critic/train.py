@@ -176,12 +176,7 @@ def _stage_module(stage: int, transformer, trainable, data, handle, lambda_crit:
             rho = core.spearman(e_hat.detach(), target).nanmean()
             if stage == 2:
                 return {"loss": l_crit, "l_crit": l_crit.detach(), "rho": rho}
-            err = (v_hat.float() - v_star.float()).pow(2).mean(-1)  # (B, tokens)
-            if edit_weight and "edit_tokens" in batch:
-                w = 1.0 + edit_weight * batch["edit_tokens"].to(err)
-                l_fm = (err * w).sum() / w.sum()
-            else:
-                l_fm = err.mean()
+            l_fm = core.flow_matching_loss(v_hat, v_star, batch.get("edit_tokens"), edit_weight)
             return {"loss": l_fm + lambda_crit * l_crit, "l_fm": l_fm.detach(), "l_crit": l_crit.detach(),
                     "rho": rho}
 
@@ -282,7 +277,6 @@ def _validate(transformer, data, handle, mode: str, seed: int = 123, batch_size:
     import torch.nn.functional as F
 
     from . import core
-    from .headroom import fm_sums
 
     sums = {"fm_off": 0.0, "fm": 0.0, "fm_edit_off": 0.0, "fm_edit": 0.0, "crit_mse": 0.0, "rho": 0.0}
     n = 0
@@ -300,7 +294,7 @@ def _validate(transformer, data, handle, mode: str, seed: int = 123, batch_size:
             target = core.log_normalise(core.token_errors(v, v_star))
             b = len(idx)
             for key, out in (("fm_off", v_off), ("fm", v)):
-                fm, fm_edit = fm_sums(out, v_star, batch.get("edit_tokens"))
+                fm, fm_edit = core.fm_sums(out, v_star, batch.get("edit_tokens"))
                 sums[key] += fm * b
                 sums[key.replace("fm", "fm_edit")] += (fm_edit or 0.0) * b
             sums["crit_mse"] += F.mse_loss(e_hat, target).item() * b
@@ -422,7 +416,8 @@ def run(args) -> int:
         cfg_kwargs = dict(l_in=run_state["l_in"], n_tokens=args.n_tokens, adapter_rank=args.adapter_rank,
                           head_hidden=args.head_hidden, steer_start=args.steer_start,
                           steer_attention=args.steer_attention, steer_rank=args.steer_rank,
-                          steer_conditioned=not args.steer_unconditioned, base_model=str(args.model or "toy-kontext-editor"))
+                          steer_conditioned=not args.steer_unconditioned,
+                          base_model=str(args.model or "toy-kontext-editor"))
         if run_state["l_c"] is not None:
             cfg_kwargs["l_c"] = tuple(run_state["l_c"])
         critic_stages = [s for s in stages if s > 1]
