@@ -1,8 +1,11 @@
 """Benchmarks of MLN on held-out toy-world edits: ``editsteer bench mln`` and ``editsteer bench regen``.
 
-Both turn the case's source caption into its target caption (the toy world's exact scene descriptions): MLN edits
-the source image; ``regen`` generates a new image from the target caption with the same seed and the same sampling
-settings (the baseline MLN must beat on background fidelity). Ablations are flags of ``mln``:
+Both turn the case's source caption into its target caption: MLN edits the source image; ``regen`` generates a new
+image from the target caption with the same seed and the same sampling settings (the baseline MLN must beat on
+background fidelity). ``--captions`` picks the captions (:mod:`~diffusers_ext.mln.captions`): ``focus`` (default)
+names the edited object and the background only, as a real edit prompt does; ``full`` is the toy world's exact
+description of every object, from which a well-trained toy Switti regenerates the whole scene (regeneration is then
+an oracle of the background, not the baseline the method is about). Ablations are flags of ``mln``:
 
 * ``--no-mask``: an empty mask (out-of-mask nudging and refinement everywhere; only the TV weight frees tokens);
 * ``--no-nudge``: beta = alpha = 0 (copied coarse scales, CFG with the source prompt as negative, refinement);
@@ -29,9 +32,14 @@ import argparse
 import numpy as np
 
 from ..bench.base import BenchMethod, MethodResult
+from .captions import CAPTION_MODES, case_captions
 
 DEFAULT_MODEL = "toy-switti"
 
+
+def _caption_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--captions", choices=CAPTION_MODES, default="focus",
+                        help="focus: the edited object and the background only (default); full: every object")
 
 def load_pipeline(model: str | None, cls):
     """A pipeline of class ``cls`` from a manifest id or a folder (the bundled toy Switti by default)."""
@@ -102,6 +110,7 @@ class MLNMethod(BenchMethod):
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                             help="override an MLNConfig field (value as JSON), e.g. --set copy_scales=0; repeatable")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        _caption_argument(parser)
 
     def __init__(self, args):
         super().__init__(args)
@@ -122,6 +131,7 @@ class MLNMethod(BenchMethod):
             cfg = cfg.fast()
         if getattr(args, "overrides", None):
             cfg = cfg.replace(**parse_overrides(args.overrides))
+        self.captions = args.captions
         self.no_mask = bool(args.no_mask)
         self.gt_mask = bool(args.gt_mask)
         self.config = cfg
@@ -133,7 +143,8 @@ class MLNMethod(BenchMethod):
             self.variant += "+set:" + ",".join(args.overrides)
 
     def settings(self) -> dict:
-        return {"model": self.where, "variant": self.variant, "config": self.config.to_json()}
+        return {"model": self.where, "captions": self.captions, "variant": self.variant,
+                "config": self.config.to_json()}
 
     def edit(self, case, seed: int) -> MethodResult:
         from ..toy import world as W
@@ -142,7 +153,8 @@ class MLNMethod(BenchMethod):
         mask = np.zeros((G, G), np.float32) if self.no_mask else None
         if self.gt_mask:
             mask = case.mask.astype(np.float32)
-        out = self.pipe(W.to_pil(case.source), case.source_caption, case.target_caption, mask=mask,
+        source, target = case_captions(case, self.captions)
+        out = self.pipe(W.to_pil(case.source), source, target, mask=mask,
                         config=self.config, seed=seed, output_type="np")
         img = (out.images[0] * 255).round().astype(np.uint8)
         m = out.masks[0]
@@ -164,6 +176,7 @@ class RegenMethod(BenchMethod):
         parser.add_argument("--negative", choices=("empty", "source"), default="empty",
                             help="CFG negative: the empty prompt (plain generation) or the source caption")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+        _caption_argument(parser)
 
     def __init__(self, args):
         super().__init__(args)
@@ -175,17 +188,19 @@ class RegenMethod(BenchMethod):
         K = len(self.pipe.patch_nums)
         self.config = MLNConfig.preset(args.preset) if args.preset else MLNConfig.for_num_scales(K)
         self.negative = args.negative
+        self.captions = args.captions
 
     def settings(self) -> dict:
         c = self.config
-        return {"model": self.where, "negative": self.negative, "guidance_scale": c.cfg, "top_k": c.top_k,
-                "top_p": c.top_p, "smooth_start_si": c.smooth_start, "turn_off_cfg_start_si": c.cfg_stop,
-                "last_scale_temp": c.last_temp, "reseed_every_scale": c.reseed_every_scale}
+        return {"model": self.where, "captions": self.captions, "negative": self.negative, "guidance_scale": c.cfg,
+                "top_k": c.top_k, "top_p": c.top_p, "smooth_start_si": c.smooth_start,
+                "turn_off_cfg_start_si": c.cfg_stop, "last_scale_temp": c.last_temp, "reseed_every_scale": c.reseed_every_scale}
 
     def edit(self, case, seed: int) -> MethodResult:
         c = self.config
-        neg = case.source_caption if self.negative == "source" else ""
-        img = self.pipe(case.target_caption, negative_prompt=neg, guidance_scale=c.cfg, top_k=c.top_k, top_p=c.top_p,
+        source, target = case_captions(case, self.captions)
+        neg = source if self.negative == "source" else ""
+        img = self.pipe(target, negative_prompt=neg, guidance_scale=c.cfg, top_k=c.top_k, top_p=c.top_p,
                         smooth_start_si=c.smooth_start, turn_off_cfg_start_si=c.cfg_stop, last_scale_temp=c.last_temp,
                         seed=seed, reseed_every_scale=c.reseed_every_scale, output_type="np").images[0]
         K = len(self.pipe.patch_nums)

@@ -48,9 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--switti-batch", type=int, default=16)
     p.add_argument("--vqvae-lr", type=float, default=2e-3)
     p.add_argument("--switti-lr", type=float, default=1e-3)
+    p.add_argument("--partial-captions", type=float, default=0.5,
+                   help="share of training captions that name a random subset of the objects only (real prompts "
+                        "leave most of an image out; 0: always the full scene description)")
     p.add_argument("--time-limit-min", type=float, default=30.0, help="wall-clock limit per stage")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a shared CPU, 2 OpenMP threads ran these small kernels >10x slower)")
+                   help="torch CPU threads (2 on an idle 2-core machine: 1.3-1.5x faster than 1; on cores shared with "
+                        "other jobs, 2 threads can run these small kernels many times slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true", help="continue a stage from its last checkpoint")
@@ -62,17 +66,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # data
 
 
-def scene_batch(rng, n: int):
-    """``n`` random toy scenes (1-4 objects): (uint8 images N x 32 x 32 x 3, captions)."""
+def scene_batch(rng, n: int, partial: float = 0.0):
+    """``n`` random toy scenes (1-4 objects): (uint8 images N x 32 x 32 x 3, captions); with probability
+    ``partial`` a caption names a random subset of the objects only (:func:`~diffusers_ext.mln.captions.
+    partial_caption`), else every object."""
     import numpy as np
 
     from ..toy import world as W
+    from .captions import partial_caption
 
     imgs, caps = [], []
     for _ in range(n):
         s = W.random_scene(rng, 1, W.MAX_OBJECTS)
         imgs.append(W.render(s))
-        caps.append(s.caption())
+        caps.append(partial_caption(s, rng, p_full=1.0 - partial) if partial > 0 else s.caption())
     return np.stack(imgs), caps
 
 
@@ -287,7 +294,7 @@ def train_switti(args, out: Path) -> Path:
     pns = cfg.patch_nums
     ema = None
     while step < args.switti_steps and (time.perf_counter() - t0) < args.time_limit_min * 60:
-        imgs, caps = scene_batch(rng, args.switti_batch)
+        imgs, caps = scene_batch(rng, args.switti_batch, partial=args.partial_captions)
         caps = ["" if rng.random() < 0.1 else c for c in caps]
         with torch.no_grad():
             idx = vq.img_to_idxBl(W.to_tensor(imgs), pns)
