@@ -153,3 +153,20 @@ def test_processors_compose():
     torch.testing.assert_close(cfg(2, out, state), (1 + t) * out - t * z_s)
     assert torch.equal(cfg(3, out, state), out) and not cfg.needs_negative(3)
     assert not SourceNudge(0.0, (0,) * K).needs_negative(2)
+
+
+def test_anchored_weight_is_the_finest_tv_weighted_scale_on_the_final_grid():
+    from diffusers_ext.mln.core import anchored_weight
+
+    pns = (1, 2, 3, 4, 6, 8)
+    w3, w6 = torch.rand(1, 9), torch.rand(1, 36)
+    out = anchored_weight({2: w3, 4: w6}, pns)
+    assert out.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(out, torch.nn.functional.interpolate(w6.view(1, 1, 6, 6), size=(8, 8), mode="bilinear",
+                                                                     align_corners=False))
+    w8 = torch.rand(1, 64)
+    assert torch.equal(anchored_weight({4: w6, 5: w8}, pns), w8.view(1, 1, 8, 8))
+    assert anchored_weight({}, pns) == 1.0  # no TV weight anywhere: refine everywhere outside the mask
+    with pytest.raises(EditSteerConfigError, match="refine_keep"):
+        MLNConfig.preset("512", refine_keep="tv")
+    assert MLNConfig.preset("512").refine_keep == MLNConfig.preset("1024").refine_keep == "mask"  # official

@@ -155,3 +155,17 @@ def test_pack_shims_have_unique_file_names():
     wanted = ["MLNPipeline", "InlineCriticKontextPipeline", "InlineCriticQwenEditPipeline"]
     for f, cls in zip(files, wanted):
         assert cls in runpy.run_path(str(f)), (f, cls)
+
+
+def test_refine_keep_mask_tv_spares_what_the_tv_weight_freed(pipe):
+    """With an empty mask, official refinement pulls every position back toward the source; ``mask_tv`` leaves the
+    tokens the two prompts disagree on (TV weight < 1) partly or wholly as sampled: its output lies between the
+    unrefined sample and the official refinement's."""
+    img = random_image(seed=4)
+    empty = np.zeros((16, 16), np.float32)
+    raw = pipe(img, PS, PT, mask=empty, seed=3, output_type="pt", config=tiny_mln_config(refine_steps=0)).images
+    official = pipe(img, PS, PT, mask=empty, seed=3, output_type="pt", config=tiny_mln_config()).images
+    out = pipe(img, PS, PT, mask=empty, seed=3, output_type="pt", config=tiny_mln_config(refine_keep="mask_tv"))
+    assert out.info["refine_tv_scale"] == len(pipe.patch_nums) - 1  # the last scale is TV-weighted (official)
+    d_tv, d_official = (out.images - raw).abs().sum(), (official - raw).abs().sum()
+    assert 0 < d_tv < d_official

@@ -2,9 +2,12 @@
 
 Presets ``"512"`` and ``"1024"`` are the official code v2's (``AmirMaEl/MLN`` at 3824c21, ``methods/mln.py``), as
 written down in EditSteer's ``methods.md`` section 4.4; they may be post-paper tuning. Preset ``"toy"`` is
-EditSteer's own, for the 6-scale toy Switti (32 px), derived the way the official 1024 preset is derived from the
-512 one (the in-mask schedule interpolated to K scales, half the scales copied), then checked on training-split
-toy cases.
+EditSteer's own, for the 6-scale toy Switti (32 px): the in-mask schedule interpolated to K scales as the official
+1024 preset's is, the rest tuned on 240 training-split toy cases with focus captions (``editsteer bench mln --split
+train --set ...``): no copied scales (grids 1 and 2 hold a 32-px image's background colour, so copying them forbids
+background edits), CFG 2 and beta 7 (at the official 8 and 12 a small toy object inside the mask rarely forms), and
+``refine_keep="mask_tv"`` (the toy's automatic mask often misses added or moved objects; official refinement then
+erases them).
 
 Example::
 
@@ -35,6 +38,10 @@ def interpolate_schedule(values, num_scales: int) -> tuple[float, ...]:
     return tuple(float(a) for a in np.interp(x, np.arange(len(v)), v))
 
 
+#: Where quantisation refinement restores the source (:attr:`MLNConfig.refine_keep`).
+REFINE_KEEP = ("mask", "mask_tv")
+
+
 @dataclass(frozen=True)
 class MLNConfig:
     """Masked Logit Nudging settings (``methods.md`` section 4.4). Scale indices are 0-based, K = ``num_scales``.
@@ -55,6 +62,9 @@ class MLNConfig:
         mask_scale: scale whose cross-attention gives the mask; None = the last (official).
         mask_neighbours: tokens next to a changed token that also count (EditSteer's token choice).
         refine_steps, refine_tau, refine_tol: quantisation refinement outside the mask (0 steps = off).
+        refine_keep: where refinement restores the source: ``"mask"`` outside the mask (official); ``"mask_tv"``
+            outside the mask *and* where the finest TV-weighted scale kept the token anchored (EditSteer's: an
+            automatic mask that misses the edit no longer erases what the TV weight let through outside it).
         global_edit: mask everywhere, no refinement (style edits).
         reseed_every_scale: reseed the generator with the seed at every scale (official).
     """
@@ -81,6 +91,7 @@ class MLNConfig:
     refine_steps: int = 5
     refine_tau: float = 0.2
     refine_tol: float = 1e-4
+    refine_keep: str = "mask"
     global_edit: bool = False
     reseed_every_scale: bool = True
     name: str = field(default="custom", compare=False)
@@ -115,6 +126,8 @@ class MLNConfig:
             object.__setattr__(self, "mask_blocks", (int(a), int(b)))
         if self.refine_steps < 0 or self.refine_tau <= 0:
             bad("refine_steps must be >= 0 and refine_tau > 0")
+        if self.refine_keep not in REFINE_KEEP:
+            bad(f"refine_keep must be one of {REFINE_KEEP}, got {self.refine_keep!r}")
         if self.last_temp <= 0 or self.top_k < 0 or not 0 <= self.top_p <= 1:
             bad("last_temp must be > 0, top_k >= 0, top_p in [0, 1]")
         if self.mask_neighbours < 0:
@@ -177,6 +190,7 @@ PRESETS: dict[str, MLNConfig] = {
                      refine_steps=5, refine_tau=0.2, name="512"),
     "1024": MLNConfig(num_scales=14, copy_scales=7, alphas=interpolate_schedule(SMOOTH_512, 14), cfg_stop=13,
                       mask_quantile=0.63, refine_steps=3, refine_tau=0.8, name="1024"),
-    "toy": MLNConfig(num_scales=6, copy_scales=2, alphas=interpolate_schedule(SMOOTH_512, 6), cfg_stop=5,
-                     mask_quantile=0.80, refine_steps=5, refine_tau=0.2, name="toy"),
+    "toy": MLNConfig(num_scales=6, copy_scales=0, alphas=interpolate_schedule(SMOOTH_512, 6), beta=7.0, cfg=2.0,
+                     cfg_stop=5, mask_quantile=0.80, refine_steps=5, refine_tau=0.2, refine_keep="mask_tv",
+                     name="toy"),
 }

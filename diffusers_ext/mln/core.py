@@ -81,6 +81,17 @@ def compute_edit_mask(backbone, source_tokens: list[torch.Tensor], config: MLNCo
     return M, info
 
 
+def anchored_weight(tv_weights: dict[int, torch.Tensor], patch_nums) -> torch.Tensor | float:
+    """How anchored each final-grid position stayed: the TV weight (B, l) of the finest scale that has one,
+    bilinearly resized to (B, 1, G, G); 1 (refine everywhere outside the mask) if no scale had a TV weight."""
+    if not tv_weights:
+        return 1.0
+    k = max(tv_weights)
+    pn, G = patch_nums[k], patch_nums[-1]
+    w = tv_weights[k].float().view(-1, 1, pn, pn)
+    return w if pn == G else F.interpolate(w, size=(G, G), mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def mln_edit(backbone, image: torch.Tensor, config: MLNConfig, *, seed: int = 42, source_ids=None,
              source_len: int | None = None, target_ids=None, target_len: int | None = None,
@@ -128,7 +139,12 @@ def mln_edit(backbone, image: torch.Tensor, config: MLNConfig, *, seed: int = 42
     # 4. quantisation refinement outside the mask
     f_hat = out.f_hat
     if config.refine_steps and not config.global_edit:
-        f_hat = refine_outside_mask(f, f_hat, backbone.codebook, 1 - M, config.refine_steps, config.refine_tau,
+        keep = 1 - M
+        if config.refine_keep == "mask_tv":
+            tv = out.extras.get("tv_weight", {})
+            keep = keep * anchored_weight(tv, backbone.patch_nums)
+            info["refine_tv_scale"] = max(tv) if tv else None
+        f_hat = refine_outside_mask(f, f_hat, backbone.codebook, keep, config.refine_steps, config.refine_tau,
                                     config.refine_tol)
     # 5. decode
     img = backbone.decode(f_hat)

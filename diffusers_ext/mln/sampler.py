@@ -127,7 +127,9 @@ class SourceNudge:
         m = state.mask if state.mask is not None else torch.zeros(like.shape[:2], device=like.device)
         s = self.beta * (1 - m) + self.alphas[k] * m
         if self.weighted(k):
-            s = s * tv_weight(like, state.negative_logits, self.gamma)
+            w = tv_weight(like, state.negative_logits, self.gamma)
+            state.extras["tv_weight"] = w
+            s = s * w
         return s
 
     def __call__(self, k: int, logits: torch.Tensor, state: ScaleState) -> torch.Tensor:
@@ -228,6 +230,7 @@ class MaskedLogitSampler:
         f_hat = backbone.empty_fhat()
         B = f_hat.shape[0]
         nfe = 0
+        tv: dict[int, torch.Tensor] = {}
         for k, pn in enumerate(pns):
             if reseed_every_scale:
                 generator.manual_seed(seed0)
@@ -244,7 +247,9 @@ class MaskedLogitSampler:
                 for p in self.processors:
                     logits = p(k, logits, state)
                 h = self.token_sampling(k, logits, state, backbone, generator)
+                if "tv_weight" in state.extras:
+                    tv[k] = state.extras["tv_weight"]
             f_hat = backbone.accumulate(k, f_hat, h)
             if callback is not None:
                 callback(k, K, f_hat)
-        return SamplerOutput(f_hat=f_hat, nfe=nfe)
+        return SamplerOutput(f_hat=f_hat, nfe=nfe, extras={"tv_weight": tv})
