@@ -8,7 +8,8 @@ description of every object, from which a well-trained toy Switti regenerates th
 an oracle of the background, not the baseline the method is about). Ablations are flags of ``mln``:
 
 * ``--no-mask``: an empty mask (out-of-mask nudging and refinement everywhere; only the TV weight frees tokens);
-* ``--no-nudge``: beta = alpha = 0 (copied coarse scales, CFG with the source prompt as negative, refinement);
+* ``--no-nudge``: beta = alpha = 0 (the preset's copied coarse scales, CFG with the source prompt as negative,
+  refinement);
 * ``--no-refine``: no quantisation refinement;
 * ``--global-edit``: mask everywhere, no refinement (MLN's style-edit mode);
 * ``--gt-mask``: the case's exact edit mask as the user mask (separates mask quality from generation quality, as
@@ -40,6 +41,7 @@ DEFAULT_MODEL = "toy-switti"
 def _caption_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--captions", choices=CAPTION_MODES, default="focus",
                         help="focus: the edited object and the background only (default); full: every object")
+
 
 def load_pipeline(model: str | None, cls):
     """A pipeline of class ``cls`` from a manifest id or a folder (the bundled toy Switti by default)."""
@@ -194,7 +196,8 @@ class RegenMethod(BenchMethod):
         c = self.config
         return {"model": self.where, "captions": self.captions, "negative": self.negative, "guidance_scale": c.cfg,
                 "top_k": c.top_k, "top_p": c.top_p, "smooth_start_si": c.smooth_start,
-                "turn_off_cfg_start_si": c.cfg_stop, "last_scale_temp": c.last_temp, "reseed_every_scale": c.reseed_every_scale}
+                "turn_off_cfg_start_si": c.cfg_stop, "last_scale_temp": c.last_temp,
+                "reseed_every_scale": c.reseed_every_scale}
 
     def edit(self, case, seed: int) -> MethodResult:
         c = self.config
