@@ -193,12 +193,16 @@ class EditSteerMLNToyCase(io.ComfyNode):
             display_name="Toy Edit Case (MLN)",
             category="EditSteer/MLN",
             description="A toy-world scene (32 px) and an edit of it, as captions for MLN: image, source caption, "
-                        "target caption and the exact edit mask.",
+                        "target caption and the exact edit mask. Focus captions name the edited object and the "
+                        "background only, as a real edit prompt does (the MLN bench's default).",
             inputs=[
                 io.Combo.Input("split", options=["heldout", "train"], default="heldout",
                                tooltip="held-out edits use colour/shape combinations no toy model edited in training."),
                 io.Int.Input("index", default=0, min=0, max=99999, tooltip="Case number within the split."),
                 io.Int.Input("case_seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the case generator."),
+                io.Combo.Input("captions", options=["focus", "full"], default="focus",
+                               tooltip="focus: the edited object and the background; full: every object, its size "
+                                       "and cell (regeneration from it nearly reproduces the scene)."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.String.Output(display_name="source_caption"),
                      io.String.Output(display_name="target_caption"), io.Mask.Output(display_name="true_mask"),
@@ -206,16 +210,18 @@ class EditSteerMLNToyCase(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, split, index, case_seed) -> io.NodeOutput:
+    def execute(cls, split, index, case_seed, captions="focus") -> io.NodeOutput:
+        from diffusers_ext.mln.captions import case_captions
         from diffusers_ext.toy import world
 
         case = world.make_case(split, case_seed, index)
+        source, target = case_captions(case, captions)
 
         def img(a):
             return torch.from_numpy(a.astype(np.float32) / 255.0)[None]
 
-        return io.NodeOutput(img(case.source), case.source_caption, case.target_caption,
-                             torch.from_numpy(case.mask.astype(np.float32))[None], img(case.target))
+        mask = torch.from_numpy(case.mask.astype(np.float32))[None]
+        return io.NodeOutput(img(case.source), source, target, mask, img(case.target))
 
 
 NODES = [EditSteerSwittiLoader, EditSteerMLNEdit, EditSteerMLNToyCase]

@@ -276,7 +276,8 @@ def anchoredit_resume() -> Graph:
 def mln_toy() -> Graph:
     """One MLN edit of a held-out toy case on the bundled toy Switti (node ids are used by test_mln_comfy)."""
     g = Graph("editsteer_mln_toy", "Masked Logit Nudging on the toy Switti (CPU)")
-    case = g.node("EditSteerMLNToyCase", title="Toy Edit Case (MLN)", split="heldout", index=0, case_seed=0)
+    case = g.node("EditSteerMLNToyCase", title="Toy Edit Case (MLN)", split="heldout", index=0, case_seed=0,
+                  captions="focus")
     switti = g.node("EditSteerSwittiLoader", title="Switti Loader (MLN)", model="toy-switti (bundled, 32 px)",
                     dtype="auto", allow_download=False)
     edit = g.node("EditSteerMLNEdit", title="MLN Edit (Switti)", switti=switti[0], image=case[0],

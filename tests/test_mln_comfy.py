@@ -100,3 +100,17 @@ def test_api_workflow_runs_on_a_loopback_server(comfy_server):
     assert hist["status"]["status_str"] == "success", hist["status"]
     saved = [img["filename"] for out in hist["outputs"].values() for img in out.get("images", [])]
     assert any(f.startswith("editsteer_mln_") for f in saved) and any("mask" in f for f in saved)
+
+
+def test_toy_case_node_captions_follow_the_bench(comfy):
+    """The toy case node gives the bench's focus captions by default and the world's full captions on request."""
+    from diffusers_ext.mln.captions import case_captions
+    from diffusers_ext.toy import world
+
+    node = comfy.node_class("EditSteerMLNToyCase")
+    case = world.make_case("heldout", 0, 3)
+    focus = node.execute("heldout", 3, 0)
+    full = node.execute("heldout", 3, 0, captions="full")
+    assert tuple(focus.result[1:3]) == case_captions(case, "focus")
+    assert tuple(full.result[1:3]) == (case.source_caption, case.target_caption)
+    assert focus.result[1:3] != full.result[1:3]
