@@ -96,3 +96,26 @@ def test_help_renders(capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", "--help"])
     assert e.value.code == 0 and "bootstrap" in capsys.readouterr().out
+
+
+def test_by_family_splits_the_difference_by_edit_family(capsys, tmp_path):
+    fam = ["add", "move"] * 50
+    b = np.linspace(10, 30, 100)
+    base = _results(range(100), background_psnr=b, family=fam)
+    method = _results(range(100), background_psnr=b + np.where(np.array(fam) == "add", 2.0, -1.0), family=fam)
+    res = paired_comparison(base, method, n_boot=300, by_family=True)
+    assert res["metrics"]["background_psnr"]["delta"] == pytest.approx(0.5)
+    assert {k: v["cases"] for k, v in res["families"].items()} == {"add": 50, "move": 50}
+    assert res["families"]["add"]["metrics"]["background_psnr"]["delta_ci"] == pytest.approx([2.0, 2.0])
+    assert res["families"]["move"]["metrics"]["background_psnr"]["delta"] == pytest.approx(-1.0)
+    assert "families" not in paired_comparison(base, method, n_boot=10)
+    with pytest.raises(EditSteerConfigError, match="family"):
+        paired_comparison(_results(range(3), background_psnr=[1, 2, 3]), _results(range(3), background_psnr=[1, 2, 3]),
+                          n_boot=10, by_family=True)
+    # the command prints one row per family
+    a, m = tmp_path / "a.json", tmp_path / "m.json"
+    a.write_text(json.dumps(base))
+    m.write_text(json.dumps(method))
+    assert main(["compare", str(a), str(m), "--by-family", "--boot", "50", "--metrics", "background_psnr"]) == 0
+    text = capsys.readouterr().out
+    assert "| add | 50 | +2 [+2, +2] |" in text and "| move | 50 | -1 [-1, -1] |" in text

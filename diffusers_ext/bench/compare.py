@@ -49,13 +49,16 @@ def _values(rows: list[dict], key: str) -> np.ndarray:
 
 
 def paired_comparison(base: dict, method: dict, *, keys: tuple[str, ...] = KEYS, n_boot: int = 5000,
-                      seed: int = 0, level: float = 0.95) -> dict:
+                      seed: int = 0, level: float = 0.95, by_family: bool = False) -> dict:
     """Paired comparison of two single-turn bench results (``results.json`` dicts) on the same cases.
 
     For every key present in both runs' ``per_case`` rows: ``n`` (cases where both values are finite), the means
     ``base`` and ``method``, ``delta = method - base`` and ``rel = method / base - 1`` (of the means), and
     ``delta_ci`` / ``rel_ci``: percentile bootstrap intervals at ``level`` from ``n_boot`` resamples of the cases,
     drawn once and shared by every key. Deterministic for a given ``seed``.
+
+    ``by_family``: also ``families[name]``, the same comparison on each edit family's cases alone (resampled within
+    the family), to show where a difference comes from.
     """
     for name, res in (("base", base), ("method", method)):
         if res.get("kind", "single") != "single" or "per_case" not in res:
@@ -71,7 +74,23 @@ def paired_comparison(base: dict, method: dict, *, keys: tuple[str, ...] = KEYS,
         raise EditSteerConfigError("the number of bootstrap resamples (--boot) must be at least 1")
     if not 0 < level < 1:
         raise EditSteerConfigError("the interval level (--level) must be in (0, 1)")
-    n = len(ids_b)
+    out = {"cases": len(ids_b), "split": base.get("split"), "seed": base.get("seed"), "n_boot": n_boot,
+           "bootstrap_seed": seed, "level": level, "base_method": base.get("method"),
+           "method": method.get("method"), "metrics": _paired_metrics(rows_b, rows_m, keys, n_boot, seed, level)}
+    if by_family:
+        families = list(dict.fromkeys(r.get("family") for r in rows_b))
+        if None in families:
+            raise EditSteerConfigError("--by-family needs per-case 'family' entries (single-turn toy bench runs)")
+        out["families"] = {}
+        for fam in families:
+            sel = [i for i, r in enumerate(rows_b) if r["family"] == fam]
+            out["families"][fam] = {"cases": len(sel), "metrics": _paired_metrics(
+                [rows_b[i] for i in sel], [rows_m[i] for i in sel], keys, n_boot, seed, level)}
+    return out
+
+
+def _paired_metrics(rows_b: list[dict], rows_m: list[dict], keys, n_boot: int, seed: int, level: float) -> dict:
+    n = len(rows_b)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), dtype=int)
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
@@ -99,9 +118,7 @@ def paired_comparison(base: dict, method: dict, *, keys: tuple[str, ...] = KEYS,
             entry["rel_ci"] = ([float(np.percentile(finite, lo_q)), float(np.percentile(finite, hi_q))]
                                if finite.size else [math.nan, math.nan])
         out[key] = entry
-    return {"cases": n, "split": base.get("split"), "seed": base.get("seed"), "n_boot": n_boot,
-            "bootstrap_seed": seed, "level": level, "base_method": base.get("method"),
-            "method": method.get("method"), "metrics": out}
+    return out
 
 
 def table(comparison: dict) -> str:
@@ -116,6 +133,14 @@ def table(comparison: dict) -> str:
         r = (f"{100 * e['rel']:+.1f} % [{100 * e['rel_ci'][0]:+.1f}, {100 * e['rel_ci'][1]:+.1f}]"
              if "rel" in e else "-")
         lines.append(f"| {key} | {e['n']} | {e['base']:.4g} | {e['method']:.4g} | {d} | {r} |")
+    if comparison.get("families"):
+        keys = list(comparison["metrics"])
+        lines += ["", f"By edit family: difference [{pct} %]", "",
+                  "| family | n | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        for fam, f in comparison["families"].items():
+            cells = [(f"{f['metrics'][k]['delta']:+.3g} [{f['metrics'][k]['delta_ci'][0]:+.3g}, "
+                      f"{f['metrics'][k]['delta_ci'][1]:+.3g}]") if k in f["metrics"] else "-" for k in keys]
+            lines.append(f"| {fam} | {f['cases']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -132,13 +157,14 @@ def add_arguments(p) -> None:
     p.add_argument("--boot-seed", type=int, default=0, help="seed of the resampling (default 0)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--metrics", default=None, help=f"comma-separated per-case keys (default: {','.join(KEYS)})")
+    p.add_argument("--by-family", action="store_true", help="also compare each edit family's cases on their own")
     p.add_argument("--out", default=None, help="also write the comparison as JSON to this file")
 
 
 def run(args) -> int:
     keys = tuple(k.strip() for k in args.metrics.split(",") if k.strip()) if args.metrics else KEYS
     res = paired_comparison(load_results(args.base), load_results(args.method), keys=keys, n_boot=args.boot,
-                            seed=args.boot_seed, level=args.level)
+                            seed=args.boot_seed, level=args.level, by_family=args.by_family)
     res["inputs"] = {"base": _label(args.base), "method": _label(args.method)}
     res["command"] = getattr(args, "_command", None)
     print(table(res))
