@@ -79,6 +79,31 @@ def test_speed_benchmark_writes_its_json(tmp_path):
     assert v["token_row_ratio"] == r["mln"]["toy"]["token_rows"] / r["token_rows_plain_cfg_all"] and v["cpu_ratio"] > 0
 
 
+
+def test_speed_baselines_are_named_by_where_guidance_stops():
+    """Any plain-generation baseline (as the Switti README's 1024 example) is timed and compared by name; 'plain'
+    stays the reference of ``ratio``."""
+    import pytest
+
+    from diffusers_ext.mln import speed
+    from diffusers_ext.mln.bench import load_pipeline
+    from diffusers_ext.mln.config import MLNConfig
+    from diffusers_ext.mln.pipeline import MLNPipeline
+    from diffusers_ext.toy import world as W
+
+    pipe, _ = load_pipeline(None, MLNPipeline)
+    cfg = MLNConfig.preset("toy")
+    case = W.make_case("heldout", 0, 0)
+    cases = [(W.to_pil(case.source), case.source_caption, case.target_caption)]
+    r = speed.bench_pipeline(pipe, cases, [cfg], 1, baselines={"plain": cfg.cfg_stop, "early_off": 3})
+    pns = r["patch_nums"]
+    assert r["token_rows_early_off"] == speed.token_rows_plain(pns, 3) < r["token_rows_plain"]
+    assert r["early_off_cpu_s"] > 0 and "plain_cfg_all_s" not in r
+    m = r["mln"]["toy"]
+    assert m["vs_early_off"]["token_row_ratio"] == m["token_rows"] / r["token_rows_early_off"] > m["token_row_ratio"]
+    with pytest.raises(ValueError, match="plain"):
+        speed.bench_pipeline(pipe, cases, [cfg], 1, baselines={"early_off": 3})
+
 def test_bench_set_overrides_config_fields_and_refuses_unknown_ones(tmp_path):
     import argparse
 

@@ -10,6 +10,9 @@
 * ``full_size_512`` (``--full-size``): the official Switti 512 architecture (depth 30, width 1920, 2.47 B
   parameters; VQ-VAE 109 M) with random weights and random prompt encodings (the CLIP encoders are left out: they
   cost the same in both), fp32 on this machine's device.
+* ``full_size_1024`` (``--full-size --full-size-reso 1024``): the same at 1024 px (14 scales), MLN's ``1024``
+  preset only, against plain generation and the Switti README's 1024 example (``turn_off_cfg_start_si=11``);
+  every-scale CFG and the fast variant are left out to keep the CPU run near half an hour per thread.
 
 Both report wall time, transformer row-passes x tokens (the work the transformer does), and MLN's parts (source
 tokenisation, mask passes, scale loop, refinement + decode).
@@ -56,9 +59,16 @@ def _time(fn, repeats: int) -> tuple[float, list[float], object, float]:
     return statistics.median(ts), ts, out, statistics.median(cpu)
 
 
-def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodings=None) -> dict:
-    """Median wall times over ``cases`` = [(image, source, target), ...]: plain generation with the first config's
-    sampling settings, and MLN with each config."""
+def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodings=None,
+                   baselines: dict[str, int] | None = None) -> dict:
+    """Median wall times over ``cases`` = [(image, source, target), ...]: plain generations with the first config's
+    sampling settings, and MLN with each config.
+
+    ``baselines`` maps a name to the plain generation's ``turn_off_cfg_start_si``; ``"plain"`` (guidance off at the
+    config's ``cfg_stop``, as MLN) is the reference of ``ratio``; every other baseline ``b`` gets ``b_s``,
+    ``b_cpu_s``, ``token_rows_b`` and a ``vs_b`` block per MLN config. Default: ``plain`` and ``plain_cfg_all``
+    (every scale guided, the official ``SwittiPipeline.__call__`` default at 512 px).
+    """
     from ..switti.pipeline import SwittiPipeline
     from .pipeline import MLNPipeline
 
@@ -67,12 +77,14 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
     for p in (plain, mln):
         p.set_progress_bar_config(disable=True)
     c0 = configs[0]
-    kw = dict(guidance_scale=c0.cfg, top_k=c0.top_k, top_p=c0.top_p, smooth_start_si=c0.smooth_start,
-              turn_off_cfg_start_si=c0.cfg_stop, last_scale_temp=c0.last_temp, reseed_every_scale=True,
-              output_type="pt")
     pns = pipe.patch_nums
-    kw_all = {**kw, "turn_off_cfg_start_si": len(pns)}
-    plain_t, plain_cpu, all_t, all_cpu = [], [], [], []
+    baselines = dict(baselines or {"plain": c0.cfg_stop, "plain_cfg_all": len(pns)})
+    if "plain" not in baselines:
+        raise ValueError("baselines must include 'plain' (the reference of the ratios)")
+    kw = dict(guidance_scale=c0.cfg, top_k=c0.top_k, top_p=c0.top_p, smooth_start_si=c0.smooth_start,
+              last_scale_temp=c0.last_temp, reseed_every_scale=True, output_type="pt")
+    base_t: dict[str, list] = {b: [] for b in baselines}
+    base_cpu: dict[str, list] = {b: [] for b in baselines}
     mln_t: dict[str, list] = {c.name: [] for c in configs}
     mln_cpu: dict[str, list] = {c.name: [] for c in configs}
     parts: dict[str, list] = {c.name: [] for c in configs}
@@ -80,34 +92,36 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
         enc = encodings(i) if encodings else {}
         p_kw = {"prompt_encoding": enc["target"], "negative_prompt_encoding": enc["source"]} if enc else {}
         m_kw = {"target_encoding": enc["target"], "source_encoding": enc["source"]} if enc else {}
-        t, _, _, cpu = _time(lambda: plain(tgt, negative_prompt=src, seed=i, **kw, **p_kw), repeats)
-        plain_t.append(t)
-        plain_cpu.append(cpu)
-        t, _, _, cpu = _time(lambda: plain(tgt, negative_prompt=src, seed=i, **kw_all, **p_kw), repeats)
-        all_t.append(t)
-        all_cpu.append(cpu)
+        for b, stop in baselines.items():
+            t, _, _, cpu = _time(lambda: plain(tgt, negative_prompt=src, seed=i, turn_off_cfg_start_si=stop, **kw,
+                                               **p_kw), repeats)
+            base_t[b].append(t)
+            base_cpu[b].append(cpu)
         for c in configs:
             t, _, out, cpu = _time(lambda: mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw), repeats)
             mln_t[c.name].append(t)
             mln_cpu[c.name].append(cpu)
             parts[c.name].append({k: out.info[k] for k in ("mask_s", "sample_s", "total_s")})
-    med_p = statistics.median(plain_t)
-    rows_p = token_rows_plain(pns, c0.cfg_stop)
-    cpu_p = statistics.median(plain_cpu)
-    med_a, cpu_a, rows_a = statistics.median(all_t), statistics.median(all_cpu), token_rows_plain(pns, len(pns))
-    res = {"plain_s": med_p, "plain_s_all": plain_t, "plain_cpu_s": cpu_p, "token_rows_plain": rows_p,
-           "plain_cfg_all_s": med_a, "plain_cfg_all_cpu_s": cpu_a, "token_rows_plain_cfg_all": rows_a,
-           "cases": len(cases), "repeats": repeats, "patch_nums": list(pns), "mln": {}}
+    med = {b: statistics.median(v) for b, v in base_t.items()}
+    cpu = {b: statistics.median(v) for b, v in base_cpu.items()}
+    rows = {b: token_rows_plain(pns, stop) for b, stop in baselines.items()}
+    res = {"plain_s": med["plain"], "plain_s_all": base_t["plain"], "plain_cpu_s": cpu["plain"],
+           "token_rows_plain": rows["plain"], "cases": len(cases), "repeats": repeats, "patch_nums": list(pns),
+           "baselines_turn_off_cfg_start_si": baselines, "mln": {}}
+    others = [b for b in baselines if b != "plain"]
+    for b in others:
+        res.update({f"{b}_s": med[b], f"{b}_cpu_s": cpu[b], f"token_rows_{b}": rows[b]})
     for c in configs:
         med_m = statistics.median(mln_t[c.name])
         cpu_m = statistics.median(mln_cpu[c.name])
+        rows_m = token_rows_mln(pns, c)
         res["mln"][c.name] = {
-            "mln_s": med_m, "ratio": med_m / med_p, "mln_s_all": mln_t[c.name],
-            "mln_cpu_s": cpu_m, "cpu_ratio": cpu_m / cpu_p,
+            "mln_s": med_m, "ratio": med_m / med["plain"], "mln_s_all": mln_t[c.name],
+            "mln_cpu_s": cpu_m, "cpu_ratio": cpu_m / cpu["plain"],
             "parts_median_s": {k: statistics.median(p[k] for p in parts[c.name]) for k in parts[c.name][0]},
-            "token_rows": token_rows_mln(pns, c), "token_row_ratio": token_rows_mln(pns, c) / rows_p,
-            "vs_plain_cfg_all": {"ratio": med_m / med_a, "cpu_ratio": cpu_m / cpu_a,
-                                 "token_row_ratio": token_rows_mln(pns, c) / rows_a},
+            "token_rows": rows_m, "token_row_ratio": rows_m / rows["plain"],
+            **{f"vs_{b}": {"ratio": med_m / med[b], "cpu_ratio": cpu_m / cpu[b], "token_row_ratio": rows_m / rows[b]}
+               for b in others},
         }
     return res
 
@@ -127,7 +141,7 @@ def toy(args) -> dict:
     return res
 
 
-def full_size(args) -> dict:
+def full_size(args, reso: int = 512) -> dict:
     from ..switti import SwittiTransformer, SwittiVQVAE
     from ..switti.loading import transformer_config_from_official, vqvae_config_from_official
     from ..switti.text import PromptEncoding
@@ -136,8 +150,8 @@ def full_size(args) -> dict:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    transformer = SwittiTransformer(**transformer_config_from_official({"depth": 30})).eval()
-    vqvae = SwittiVQVAE(**vqvae_config_from_official({}, reso=512)).eval()
+    transformer = SwittiTransformer(**transformer_config_from_official({"depth": 30, "reso": reso})).eval()
+    vqvae = SwittiVQVAE(**vqvae_config_from_official({}, reso=reso)).eval()
     build_s = time.perf_counter() - t0
     pipe = MLNPipeline(transformer=transformer, vqvae=vqvae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                        tokenizer_2=None)
@@ -156,10 +170,14 @@ def full_size(args) -> dict:
 
     src, tgt = enc(12), enc(12)
     tgt.input_ids[0, 4] = 999  # one changed word
-    img = torch.rand(3, 512, 512, generator=g)
-    cfg = MLNConfig.preset("512")
-    res = bench_pipeline(pipe, [(img, "source", "target")], [cfg, cfg.fast()], args.repeats,
-                         encodings=lambda i: {"source": src, "target": tgt})
+    img = torch.rand(3, reso, reso, generator=g)
+    cfg = MLNConfig.preset(str(reso))
+    if reso == 512:
+        configs, baselines = [cfg, cfg.fast()], None
+    else:  # the Switti README's 1024 example turns guidance off from scale 11
+        configs, baselines = [cfg], {"plain": cfg.cfg_stop, "switti_readme_1024": 11}
+    res = bench_pipeline(pipe, [(img, "source", "target")], configs, args.repeats,
+                         encodings=lambda i: {"source": src, "target": tgt}, baselines=baselines)
     res.update(build_s=build_s, params_transformer=sum(p.numel() for p in transformer.parameters()),
                params_vqvae=sum(p.numel() for p in vqvae.parameters()), dtype="float32",
                device=str(transformer.device), text_encoders="left out (random encodings; equal cost in both)")
@@ -167,11 +185,13 @@ def full_size(args) -> dict:
 
 
 def _say(name: str, r: dict) -> None:
+    others = [b for b in r["baselines_turn_off_cfg_start_si"] if b != "plain"]
     parts = ", ".join(f"MLN[{k}] {v['mln_s']:.3f}s ({v['ratio']:.2f}x wall, {v['cpu_ratio']:.2f}x CPU, token-rows "
-                      f"{v['token_row_ratio']:.2f}x; against every-scale CFG {v['vs_plain_cfg_all']['cpu_ratio']:.2f}x "
-                      "CPU)" for k, v in r["mln"].items())
-    print(f"{name}: plain {r['plain_s']:.3f}s ({r['plain_cpu_s']:.3f}s CPU), every-scale CFG "
-          f"{r['plain_cfg_all_s']:.3f}s ({r['plain_cfg_all_cpu_s']:.3f}s CPU); {parts}", file=sys.stderr)
+                      f"{v['token_row_ratio']:.2f}x"
+                      + "".join(f"; against {b} {v['vs_' + b]['cpu_ratio']:.2f}x CPU" for b in others) + ")"
+                      for k, v in r["mln"].items())
+    base = "".join(f", {b} {r[b + '_s']:.3f}s ({r[b + '_cpu_s']:.3f}s CPU)" for b in others)
+    print(f"{name}: plain {r['plain_s']:.3f}s ({r['plain_cpu_s']:.3f}s CPU){base}; {parts}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -180,7 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="toy model id or folder (default: the bundled toy-switti)")
     p.add_argument("--toy-cases", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--full-size", action="store_true", help="also the 2.47 B-parameter Switti 512 (random weights)")
+    p.add_argument("--full-size", action="store_true", help="also the 2.47 B-parameter Switti (random weights)")
+    p.add_argument("--full-size-reso", type=int, nargs="+", choices=(512, 1024), default=[512],
+                   help="full-size resolutions to time (default 512)")
     p.add_argument("--full-size-only", action="store_true")
     p.add_argument("--full-size-repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -207,8 +229,10 @@ def _run(args) -> int:
         f.write_text(json.dumps(results, indent=1) + "\n")
     if args.full_size or args.full_size_only:
         args.repeats = args.full_size_repeats
-        results["full_size_512"] = full_size(args)
-        _say("full size 512", results["full_size_512"])
+        for reso in args.full_size_reso:
+            results[f"full_size_{reso}"] = full_size(args, reso)
+            _say(f"full size {reso}", results[f"full_size_{reso}"])
+            f.write_text(json.dumps(results, indent=1) + "\n")
     f.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
