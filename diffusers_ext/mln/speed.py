@@ -12,7 +12,7 @@
   cost the same in both), fp32 on this machine's device.
 * ``full_size_1024`` (``--full-size --full-size-reso 1024``): the same at 1024 px (14 scales), MLN's ``1024``
   preset only, against plain generation and the Switti README's 1024 example (``turn_off_cfg_start_si=11``);
-  every-scale CFG and the fast variant are left out to keep the CPU run near half an hour per thread.
+  every-scale CFG and the fast variant are left out to keep the run shorter (47 min on one CPU thread).
 
 Both report wall time, transformer row-passes x tokens (the work the transformer does), and MLN's parts (source
 tokenisation, mask passes, scale loop, refinement + decode).
