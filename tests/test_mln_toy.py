@@ -80,18 +80,13 @@ def test_speed_benchmark_writes_its_json(tmp_path):
 
 
 
-def test_speed_baselines_are_named_by_where_guidance_stops():
+def test_speed_baselines_are_named_by_where_guidance_stops(toy):
     """Any plain-generation baseline (as the Switti README's 1024 example) is timed and compared by name; 'plain'
     stays the reference of ``ratio``."""
-    import pytest
-
     from diffusers_ext.mln import speed
-    from diffusers_ext.mln.bench import load_pipeline
     from diffusers_ext.mln.config import MLNConfig
-    from diffusers_ext.mln.pipeline import MLNPipeline
-    from diffusers_ext.toy import world as W
 
-    pipe, _ = load_pipeline(None, MLNPipeline)
+    pipe = toy
     cfg = MLNConfig.preset("toy")
     case = W.make_case("heldout", 0, 0)
     cases = [(W.to_pil(case.source), case.source_caption, case.target_caption)]

@@ -11,7 +11,9 @@ Example::
 
     from diffusers_ext.toy import world as W
     case = W.make_case("heldout", seed=0, index=0)
-    focus_captions(case.edit)   # ('a large red circle at the top on a gray background', 'a large blue circle ...')
+    focus_captions(case.edit)
+    # ('a large magenta diamond at the center on a white background',
+    #  'a large green diamond at the center on a white background')
 """
 
 from __future__ import annotations
