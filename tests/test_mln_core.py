@@ -66,6 +66,7 @@ def test_presets_follow_official_v2():
     assert interpolate_schedule(SMOOTH_512, 10) == SMOOTH_512
     assert MLNConfig.for_num_scales(14).name == "1024"
     assert list(MLNConfig.preset("512").blocks_for_depth(30)) == list(range(3, 27))  # official blocks 3..26
+    assert p512.anchor == p1024.anchor == "tokens" and p512.refine_keep == p1024.refine_keep == "mask"  # official
 
 
 def test_config_validation():
@@ -77,6 +78,8 @@ def test_config_validation():
         MLNConfig.for_num_scales(7)
     with pytest.raises(EditSteerConfigError, match="mask_quantile"):
         MLNConfig.preset("512", mask_quantile=1.5)
+    with pytest.raises(EditSteerConfigError, match="anchor must be one of"):
+        MLNConfig.preset("512", anchor="source")
     n = MLNConfig.preset("512").neutral()
     assert n.beta == 0 and set(n.alphas) == {0.0} and n.copy_scales == 0 and n.refine_steps == 0
 

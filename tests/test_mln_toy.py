@@ -39,6 +39,42 @@ def test_bundled_tokeniser_round_trips_toy_scenes(toy):
     assert np.mean(ok) >= 0.9, ok
 
 
+def test_residual_anchor_rebuilds_the_source_over_an_edited_coarse_scale(toy):
+    """Why the toy preset anchors to the re-tokenised residual. A background-colour edit changes the 1x1 token; over
+    it, the source's fixed fine tokens (residuals over the source's own 1x1 token) decode the untouched objects
+    badly, while the source re-tokenised over the new prefix (``residual_tokens``, what ``anchor="residual"`` nudges
+    toward) rebuilds them. Over the source's own prefix both are the same tokens."""
+    import torch
+
+    from diffusers_ext.mln.pipeline import image_to_tensor
+    from diffusers_ext.switti.backbone import SwittiBackbone
+
+    enc = toy.encode_prompt(["a"], "cpu")
+    bb = SwittiBackbone(toy.transformer, toy.vqvae, toy.prepare_conditioning([enc]), batch=1)
+    K = len(toy.patch_nums)
+    cases = [c for c in (W.make_case("train", seed=1, index=i) for i in range(80)) if c.family == "background"][:10]
+    assert len(cases) == 10
+    psnr = {"fixed": [], "residual": []}
+    with torch.no_grad():
+        for case in cases:
+            src, f = bb.tokenize(image_to_tensor(W.to_pil(case.source)))
+            tgt, _ = bb.tokenize(image_to_tensor(W.to_pil(case.target)))
+            fixed = bb.prefix_fhat([tgt[0]] + src[1:], K)
+            resid = bb.prefix_fhat(tgt[:1], 1)
+            own = bb.prefix_fhat(src[:1], 1)
+            for k in range(1, K):
+                assert torch.equal(bb.residual_tokens(k, f, own), src[k])
+                own = bb.accumulate(k, own, bb.embed_tokens(k, src[k]))
+                resid = bb.accumulate(k, resid, bb.embed_tokens(k, bb.residual_tokens(k, f, resid)))
+            objects = ~case.mask
+            for name, fh in (("fixed", fixed), ("residual", resid)):
+                img = W.from_tensor(bb.decode(fh)[0])
+                mse = np.mean((img[objects].astype(np.float64) - case.target[objects]) ** 2) / 255**2
+                psnr[name].append(10 * np.log10(1 / max(mse, 1e-10)))
+    fixed, resid = np.mean(psnr["fixed"]), np.mean(psnr["residual"])
+    assert resid > 25 and resid > fixed + 10, psnr
+
+
 def test_mln_beats_regeneration_on_background_psnr(tmp_path):
     """``editsteer bench mln`` vs ``editsteer bench regen`` (same model, seed, sampling settings) on 36 held-out
     edits, six of each family: MLN keeps the background several dB better and still makes edits."""

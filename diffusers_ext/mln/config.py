@@ -40,6 +40,8 @@ def interpolate_schedule(values, num_scales: int) -> tuple[float, ...]:
 
 #: Where quantisation refinement restores the source (:attr:`MLNConfig.refine_keep`).
 REFINE_KEEP = ("mask", "mask_tv")
+#: What the nudge pulls toward (:attr:`MLNConfig.anchor`).
+ANCHORS = ("tokens", "residual")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class MLNConfig:
         refine_keep: where refinement restores the source: ``"mask"`` outside the mask (official); ``"mask_tv"``
             outside the mask *and* where the finest TV-weighted scale kept the token anchored (EditSteer's: an
             automatic mask that misses the edit no longer erases what the TV weight let through outside it).
+        anchor: what the nudge pulls toward: ``"tokens"`` the source's fixed tokens (official); ``"residual"`` the
+            source re-tokenised over the prefix sampled so far (EditSteer's: once an edit changes a coarse scale, the
+            source's fixed fine tokens, residuals over the source's own coarse scales, no longer add up to the
+            source; its re-tokenised residual does).
         global_edit: mask everywhere, no refinement (style edits).
         reseed_every_scale: reseed the generator with the seed at every scale (official).
     """
@@ -92,6 +98,7 @@ class MLNConfig:
     refine_tau: float = 0.2
     refine_tol: float = 1e-4
     refine_keep: str = "mask"
+    anchor: str = "tokens"
     global_edit: bool = False
     reseed_every_scale: bool = True
     name: str = field(default="custom", compare=False)
@@ -128,6 +135,8 @@ class MLNConfig:
             bad("refine_steps must be >= 0 and refine_tau > 0")
         if self.refine_keep not in REFINE_KEEP:
             bad(f"refine_keep must be one of {REFINE_KEEP}, got {self.refine_keep!r}")
+        if self.anchor not in ANCHORS:
+            bad(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if self.last_temp <= 0 or self.top_k < 0 or not 0 <= self.top_p <= 1:
             bad("last_temp must be > 0, top_k >= 0, top_p in [0, 1]")
         if self.mask_neighbours < 0:

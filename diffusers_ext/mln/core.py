@@ -134,6 +134,7 @@ def mln_edit(backbone, image: torch.Tensor, config: MLNConfig, *, seed: int = 42
     t1 = time.perf_counter()
     out = build_sampler(config).run(backbone, seed=seed, reseed_every_scale=config.reseed_every_scale,
                                     source_tokens=source_tokens, copy_scales=config.copy_scales, mask=M,
+                                    source_features=f if config.anchor == "residual" else None,
                                     callback=callback)
     info["sample_s"] = time.perf_counter() - t1
     # 4. quantisation refinement outside the mask

@@ -11,7 +11,9 @@ At scale k the sampler:
 1. copies the source tokens when ``k < copy_scales``;
 2. otherwise asks the backbone for logits of the positive row and, when a processor needs it at this scale, the
    negative row (``groups=2``);
-3. runs the processors on the positive logits, the negative logits and per-scale data in :class:`ScaleState`;
+3. runs the processors on the positive logits, the negative logits and per-scale data in :class:`ScaleState`
+   (the source tokens there are the fixed ones, or, given ``source_features``, the source re-tokenised over the
+   prefix sampled so far);
 4. samples a code map (:class:`SwittiTokenSampling`: soft Gumbel on guided scales, top-k / top-p otherwise);
 5. accumulates it into ``f_hat``; reseeds the generator at every scale when asked.
 
@@ -72,6 +74,9 @@ class MLNBackbone(VARBackbone, Protocol):
         """Per-scale source tokens (B, pn*pn) and the continuous features f (B, C, G, G)."""
 
     def prefix_fhat(self, tokens: list[torch.Tensor], upto: int) -> torch.Tensor: ...
+
+    def residual_tokens(self, k: int, f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+        """(B, pn*pn) tokens of scale k of a tokenisation of f continued over the prefix f_hat."""
 
     def cross_attention_maps(self, k: int, f_hat: torch.Tensor, groups: int, blocks: range) -> torch.Tensor:
         """(groups * B, pn*pn, T) text-attention probabilities at scale k, averaged over heads and ``blocks``."""
@@ -213,9 +218,13 @@ class MaskedLogitSampler:
     @torch.no_grad()
     def run(self, backbone: VARBackbone, *, seed: int | None = None, generator: torch.Generator | None = None,
             reseed_every_scale: bool = True, source_tokens: Sequence[torch.Tensor] | None = None,
-            copy_scales: int = 0, mask: torch.Tensor | None = None, callback: ScaleCallback | None = None
-            ) -> SamplerOutput:
+            copy_scales: int = 0, mask: torch.Tensor | None = None, source_features: torch.Tensor | None = None,
+            callback: ScaleCallback | None = None) -> SamplerOutput:
         """Sample ``f_hat``. ``mask`` (B, 1, G, G) in [0, 1]; ``source_tokens`` one (B, pn*pn) per scale.
+
+        ``source_features`` (B, C, G, G), when given, moves the anchor of every sampled scale from the source's fixed
+        tokens to the source re-tokenised over the prefix sampled so far (``backbone.residual_tokens``): the same
+        tokens while the prefix is the source's, the ones that rebuild the source over an edited prefix.
 
         ``callback(k, K, f_hat)`` runs after every scale (progress, previews; raise to interrupt).
         """
@@ -235,6 +244,8 @@ class MaskedLogitSampler:
             if reseed_every_scale:
                 generator.manual_seed(seed0)
             src = None if source_tokens is None else source_tokens[k]
+            if source_features is not None and k >= copy_scales:
+                src = backbone.residual_tokens(k, source_features, f_hat)
             if k < copy_scales:
                 h = backbone.embed_tokens(k, src)
             else:

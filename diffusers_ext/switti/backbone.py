@@ -85,6 +85,13 @@ class SwittiBackbone:
         f = self.vqvae.img_to_f(image).float()
         return self.vqvae.quantize.f_to_idxBl_or_fhat(f, to_fhat=False, v_patch_nums=self.patch_nums), f
 
+    def residual_tokens(self, k: int, f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+        """Tokens (batch, pn*pn) that scale ``k`` of a tokenisation of ``f`` would take over the prefix ``f_hat``:
+        the residual ``f - f_hat`` quantised at this scale's grid. Over the source's own prefix these are the
+        source's tokens."""
+        pn = self.patch_nums[k]
+        return self.vqvae.quantize.residual_idx(f.float() - f_hat, pn).reshape(f.shape[0], pn * pn)
+
     def prefix_fhat(self, idx: list[torch.Tensor], upto: int) -> torch.Tensor:
         """The accumulated features of the first ``upto`` scales of a tokenisation."""
         f_hat = self.empty_fhat()

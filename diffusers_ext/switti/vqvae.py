@@ -258,6 +258,13 @@ class VectorQuantizer2(nn.Module):
         d.addmm_(z, E.T, alpha=-2, beta=1)
         return torch.argmin(d, dim=1)
 
+    def residual_idx(self, f_rest: torch.Tensor, pn: int) -> torch.Tensor:
+        """Tokens (B, pn, pn) of a residual (B, C, G, G) at grid ``pn``: area-resized (not at the final grid),
+        nearest code. One scale of the multi-scale residual quantisation."""
+        B, C, G, _ = f_rest.shape
+        z = F.interpolate(f_rest, size=(pn, pn), mode="area") if pn != G else f_rest
+        return self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
+
     def upsample_code(self, h_BChw: torch.Tensor, si: int, num_scales: int, G: int) -> torch.Tensor:
         """``phi_k(upsample(h))`` in fp32: a scale's code map (B, C, pn, pn) lifted to the final grid."""
         h_BChw = h_BChw.float()
@@ -277,8 +284,7 @@ class VectorQuantizer2(nn.Module):
         out = []
         SN = len(pns)
         for si, pn in enumerate(pns):
-            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != SN - 1 else f_rest
-            idx = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C)).view(B, pn, pn)
+            idx = self.residual_idx(f_rest, pn)
             h = self.upsample_code(self.embedding(idx).permute(0, 3, 1, 2).float(), si, SN, H)
             f_hat.add_(h)
             f_rest.sub_(h)
