@@ -77,7 +77,7 @@ def test_residual_anchor_rebuilds_the_source_over_an_edited_coarse_scale(toy):
 
 def test_mln_beats_regeneration_on_background_psnr(tmp_path):
     """``editsteer bench mln`` vs ``editsteer bench regen`` (same model, seed, sampling settings) on 36 held-out
-    edits, six of each family: MLN keeps the background several dB better and still makes edits."""
+    edits, six of each family: MLN keeps the background several dB better and still makes most edits."""
     import argparse
 
     from diffusers_ext.bench import harness
@@ -90,8 +90,8 @@ def test_mln_beats_regeneration_on_background_psnr(tmp_path):
         res[cls.name] = harness.run(cls(p.parse_args([])), cases=36, seed=0, out=tmp_path / cls.name, progress=False)
     mln, regen = res["mln"]["metrics"], res["regen"]["metrics"]
     assert res["mln"]["settings"]["captions"] == "focus" and res["mln"]["settings"]["model"].endswith("toy-switti")
-    assert mln["background_psnr"] > regen["background_psnr"] + 3.0, (mln, regen)
-    assert mln["edit_success_rate"] > 0.3, mln
+    assert mln["background_psnr"] > regen["background_psnr"] + 4.5, (mln, regen)  # measured: +5.8 dB
+    assert mln["edit_success_rate"] > 0.5, mln  # measured: 63.9 %
 
 
 def test_speed_benchmark_writes_its_json(tmp_path):

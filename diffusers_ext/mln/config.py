@@ -5,9 +5,11 @@ written down in EditSteer's ``methods.md`` section 4.4; they may be post-paper t
 EditSteer's own, for the 6-scale toy Switti (32 px): the in-mask schedule interpolated to K scales as the official
 1024 preset's is, the rest tuned on 240 training-split toy cases with focus captions (``editsteer bench mln --split
 train --set ...``): no copied scales (grids 1 and 2 hold a 32-px image's background colour, so copying them forbids
-background edits), CFG 2 and beta 7 (at the official 8 and 12 a small toy object inside the mask rarely forms), and
+background edits), CFG 2 (at the official 8 a small toy object inside the mask rarely forms),
 ``refine_keep="mask_tv"`` (the toy's automatic mask often misses added or moved objects; official refinement then
-erases them).
+erases them), ``anchor="residual"`` (with no copied scales an edit changes the 1x1 and 2x2 grids, over which the
+source's fixed fine tokens no longer rebuild the source; its re-tokenised residual does), and beta 4 (the strongest
+out-of-mask pull is no longer needed once the anchor is right; it costs edits).
 
 Example::
 
@@ -199,7 +201,7 @@ PRESETS: dict[str, MLNConfig] = {
                      refine_steps=5, refine_tau=0.2, name="512"),
     "1024": MLNConfig(num_scales=14, copy_scales=7, alphas=interpolate_schedule(SMOOTH_512, 14), cfg_stop=13,
                       mask_quantile=0.63, refine_steps=3, refine_tau=0.8, name="1024"),
-    "toy": MLNConfig(num_scales=6, copy_scales=0, alphas=interpolate_schedule(SMOOTH_512, 6), beta=7.0, cfg=2.0,
+    "toy": MLNConfig(num_scales=6, copy_scales=0, alphas=interpolate_schedule(SMOOTH_512, 6), beta=4.0, cfg=2.0,
                      cfg_stop=5, mask_quantile=0.80, refine_steps=5, refine_tau=0.2, refine_keep="mask_tv",
-                     name="toy"),
+                     anchor="residual", name="toy"),
 }
