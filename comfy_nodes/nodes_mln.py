@@ -103,8 +103,9 @@ def _preview(pipe, f_hat):
 
 def run_mln(pipe, image: torch.Tensor, source_prompt: str, target_prompt: str, seed: int, preset: str = "auto",
             global_edit: bool = False, refine: bool = True, mask: torch.Tensor | None = None,
-            mask_mode: str = "replace", preview: bool = True, progress=None):
-    """Edit a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1]; returns (IMAGE, MASK (B, H, W))."""
+            mask_mode: str = "replace", preview: bool = True, progress=None, anchor: str = "preset"):
+    """Edit a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1]; returns (IMAGE, MASK (B, H, W)). ``anchor``: "preset"
+    keeps the preset's, "tokens" / "residual" override it (:attr:`MLNConfig.anchor`)."""
     import comfy.model_management as mm
 
     from diffusers_ext.errors import EditSteerConfigError
@@ -117,8 +118,10 @@ def run_mln(pipe, image: torch.Tensor, source_prompt: str, target_prompt: str, s
         if mask.shape[0] not in (1, B):
             raise EditSteerConfigError(f"MASK batch {mask.shape[0]} does not match IMAGE batch {B} (use 1 or {B})")
     K = len(pipe.patch_nums)
-    cfg = pipe.resolve_config(None if preset == "auto" else preset, None, global_edit,
-                              {} if refine else {"refine_steps": 0})
+    overrides = {} if refine else {"refine_steps": 0}
+    if anchor != "preset":
+        overrides["anchor"] = anchor
+    cfg = pipe.resolve_config(None if preset == "auto" else preset, None, global_edit, overrides)
     images, masks = [], []
     for b in range(B):
         def on_scale(_pipe, k, _t, kw, b=b):
@@ -169,19 +172,24 @@ class EditSteerMLNEdit(io.ComfyNode):
                                tooltip="replace: use the given mask; intersect: automatic mask AND the given mask."),
                 io.Boolean.Input("preview", default=True,
                                  tooltip="Show the partial image after every edited scale (a small VQ-VAE decode each)."),
+                io.Combo.Input("anchor", options=["preset", "tokens", "residual"], default="preset", optional=True,
+                               tooltip="What the nudge pulls toward. tokens: the source's fixed tokens (official; "
+                                       "presets 512 / 1024). residual: the source re-tokenised over what was "
+                                       "sampled so far (EditSteer's; preset toy), which rebuilds the unedited "
+                                       "parts after an edit changed coarse scales."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="edit_mask")],
         )
 
     @classmethod
     def execute(cls, switti, image, source_prompt, target_prompt, seed, preset, global_edit, refine, mask=None,
-                mask_mode="replace", preview=True) -> io.NodeOutput:
+                mask_mode="replace", preview=True, anchor="preset") -> io.NodeOutput:
         import comfy.utils
 
         K = len(switti.patch_nums)
         bar = comfy.utils.ProgressBar(K * image.shape[0])
         out, masks = run_mln(switti, image, source_prompt, target_prompt, seed, preset, global_edit, refine, mask,
-                             mask_mode, preview, bar)
+                             mask_mode, preview, bar, anchor)
         return io.NodeOutput(out, masks)
 
 

@@ -114,3 +114,23 @@ def test_toy_case_node_captions_follow_the_bench(comfy):
     assert tuple(focus.result[1:3]) == case_captions(case, "focus")
     assert tuple(full.result[1:3]) == (case.source_caption, case.target_caption)
     assert focus.result[1:3] != full.result[1:3]
+
+
+def test_anchor_input_overrides_the_preset(comfy):
+    """``anchor`` "preset" keeps the toy preset's residual anchor; "tokens" switches to the official fixed tokens and
+    changes the edit; an API prompt without the input (saved before it existed) still runs as "preset"."""
+    import torch
+
+    outs = {}
+    for anchor in ("preset", "residual", "tokens", None):
+        prompt = load_workflow("api/editsteer_mln_toy.json")
+        prompt["3"]["inputs"]["seed"] = 11
+        if anchor is None:
+            prompt["3"]["inputs"].pop("anchor", None)
+        else:
+            prompt["3"]["inputs"]["anchor"] = anchor
+        res = comfy.run_prompt(prompt)
+        assert res.success, res.error
+        outs[anchor] = res.output("3", 0)
+    assert torch.equal(outs["preset"], outs["residual"]) and torch.equal(outs[None], outs["preset"])
+    assert not torch.equal(outs["tokens"], outs["residual"])
