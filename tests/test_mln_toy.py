@@ -116,6 +116,24 @@ def test_speed_benchmark_writes_its_json(tmp_path):
 
 
 
+def test_full_size_variants_and_their_transformer_work():
+    """What ``--full-size-variants`` times, and the work it predicts: the paper's method does more than 1.5x the
+    token-rows of a plain generation at 512 and 1024 (two mask passes and a second row on the last scale), the fast
+    variant less."""
+    from diffusers_ext.mln import speed
+
+    assert [c.name for c in speed.full_size_configs(512)] == ["512", "512-fast"]
+    assert [c.name for c in speed.full_size_configs(1024)] == ["1024"]
+    assert [c.name for c in speed.full_size_configs(1024, ["fast"])] == ["1024-fast"]
+    for reso, pns in ((512, (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),
+                      (1024, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))):
+        paper, fast = speed.full_size_configs(reso, ["paper", "fast"])
+        plain = speed.token_rows_plain(pns, paper.cfg_stop)
+        # mask: 2 rows at the last scale; loop: 2 rows on every edited scale, the last one included (TV weight)
+        assert speed.token_rows_mln(pns, paper) == 2 * pns[-1] ** 2 + 2 * sum(p * p for p in pns[paper.copy_scales:])
+        assert speed.token_rows_mln(pns, paper) / plain > 1.5 > speed.token_rows_mln(pns, fast) / plain
+
+
 def test_speed_baselines_are_named_by_where_guidance_stops(toy):
     """Any plain-generation baseline (as the Switti README's 1024 example) is timed and compared by name; 'plain'
     stays the reference of ``ratio``."""

@@ -10,9 +10,11 @@
 * ``full_size_512`` (``--full-size``): the official Switti 512 architecture (depth 30, width 1920, 2.47 B
   parameters; VQ-VAE 109 M) with random weights and random prompt encodings (the CLIP encoders are left out: they
   cost the same in both), fp32 on this machine's device.
-* ``full_size_1024`` (``--full-size --full-size-reso 1024``): the same at 1024 px (14 scales), MLN's ``1024``
-  preset only, against plain generation and the Switti README's 1024 example (``turn_off_cfg_start_si=11``);
-  every-scale CFG and the fast variant are left out to keep the run shorter (47 min on one CPU thread).
+* ``full_size_1024`` (``--full-size --full-size-reso 1024``): the same at 1024 px (14 scales), against plain
+  generation and the Switti README's 1024 example (``turn_off_cfg_start_si=11``); every-scale CFG is left out and
+  only MLN's ``1024`` preset runs by default, to keep the run shorter (47 min on one CPU thread).
+  ``--full-size-variants`` picks the MLN configurations timed at full size: ``paper`` (the preset) and / or
+  ``fast`` (:meth:`MLNConfig.fast`); default ``paper fast`` at 512, ``paper`` at 1024.
 
 Both report wall time, transformer row-passes x tokens (the work the transformer does), and MLN's parts (source
 tokenisation, mask passes, scale loop, refinement + decode).
@@ -141,11 +143,20 @@ def toy(args) -> dict:
     return res
 
 
+def full_size_configs(reso: int, variants=None) -> list:
+    """The MLN configurations timed at full size: ``paper`` (the preset) and / or ``fast``; default ``paper fast``
+    at 512, ``paper`` at 1024."""
+    from .config import MLNConfig
+
+    cfg = MLNConfig.preset(str(reso))
+    variants = variants or (["paper", "fast"] if reso == 512 else ["paper"])
+    return [{"paper": cfg, "fast": cfg.fast()}[v] for v in variants]
+
+
 def full_size(args, reso: int = 512) -> dict:
     from ..switti import SwittiTransformer, SwittiVQVAE
     from ..switti.loading import transformer_config_from_official, vqvae_config_from_official
     from ..switti.text import PromptEncoding
-    from .config import MLNConfig
     from .pipeline import MLNPipeline
 
     torch.manual_seed(0)
@@ -171,11 +182,9 @@ def full_size(args, reso: int = 512) -> dict:
     src, tgt = enc(12), enc(12)
     tgt.input_ids[0, 4] = 999  # one changed word
     img = torch.rand(3, reso, reso, generator=g)
-    cfg = MLNConfig.preset(str(reso))
-    if reso == 512:
-        configs, baselines = [cfg, cfg.fast()], None
-    else:  # the Switti README's 1024 example turns guidance off from scale 11
-        configs, baselines = [cfg], {"plain": cfg.cfg_stop, "switti_readme_1024": 11}
+    configs = full_size_configs(reso, args.full_size_variants)
+    # the Switti README's 1024 example turns guidance off from scale 11
+    baselines = None if reso == 512 else {"plain": configs[0].cfg_stop, "switti_readme_1024": 11}
     res = bench_pipeline(pipe, [(img, "source", "target")], configs, args.repeats,
                          encodings=lambda i: {"source": src, "target": tgt}, baselines=baselines)
     res.update(build_s=build_s, params_transformer=sum(p.numel() for p in transformer.parameters()),
@@ -203,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-size", action="store_true", help="also the 2.47 B-parameter Switti (random weights)")
     p.add_argument("--full-size-reso", type=int, nargs="+", choices=(512, 1024), default=[512],
                    help="full-size resolutions to time (default 512)")
+    p.add_argument("--full-size-variants", nargs="+", choices=("paper", "fast"), default=None,
+                   help="MLN configurations timed at full size (default: paper fast at 512, paper at 1024)")
     p.add_argument("--full-size-only", action="store_true")
     p.add_argument("--full-size-repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
