@@ -282,7 +282,7 @@ def mln_toy() -> Graph:
                     dtype="auto", allow_download=False)
     edit = g.node("EditSteerMLNEdit", title="MLN Edit (Switti)", switti=switti[0], image=case[0],
                   source_prompt=case[1], target_prompt=case[2], seed=42, preset="auto", global_edit=False,
-                  refine=True, mask_mode="replace", preview=True, anchor="preset")
+                  refine=True, mask_mode="replace", preview=True, anchor="preset", variant="paper")
     g.node("SaveImage", title="Save edited image", images=edit[0], filename_prefix="editsteer_mln")
     mask = g.node("MaskToImage", title="Convert Mask to Image", mask=edit[1])
     g.node("SaveImage", title="Save edit mask", images=mask[0], filename_prefix="editsteer_mln_mask")

@@ -134,3 +134,35 @@ def test_anchor_input_overrides_the_preset(comfy):
         outs[anchor] = res.output("3", 0)
     assert torch.equal(outs["preset"], outs["residual"]) and torch.equal(outs[None], outs["preset"])
     assert not torch.equal(outs["tokens"], outs["residual"])
+
+
+def test_variant_input_runs_the_fast_variant(comfy):
+    """``variant`` "fast" is the pipeline with ``MLNConfig.fast()`` of the preset (same image, same seed) and a
+    different edit from "paper"; an API prompt without the input runs as "paper"; a bad value is refused."""
+    import torch
+
+    from comfy_nodes.nodes_mln import load_switti, run_mln
+    from diffusers_ext.errors import EditSteerConfigError
+    from diffusers_ext.mln import MLNConfig
+
+    outs = {}
+    for variant in ("paper", "fast", None):
+        prompt = load_workflow("api/editsteer_mln_toy.json")
+        prompt["3"]["inputs"]["seed"] = 13
+        if variant is None:
+            prompt["3"]["inputs"].pop("variant", None)
+        else:
+            prompt["3"]["inputs"]["variant"] = variant
+        res = comfy.run_prompt(prompt)
+        assert res.success, res.error
+        outs[variant] = (res.output("3", 0), res.output("3", 1))
+        image, source, target = res.output("1", 0), res.output("1", 1), res.output("1", 2)
+    assert torch.equal(outs[None][0], outs["paper"][0])
+    assert not torch.equal(outs["fast"][0], outs["paper"][0])
+    pipe = load_switti("toy-switti (bundled, 32 px)")
+    direct = pipe(image[0].permute(2, 0, 1), source, target, config=MLNConfig.preset("toy").fast(), seed=13,
+                  output_type="pt")
+    assert torch.allclose(outs["fast"][0][0], direct.images[0].permute(1, 2, 0).float(), atol=1e-6)
+    assert torch.equal(outs["fast"][1][0], direct.masks[0].float())
+    with pytest.raises(EditSteerConfigError, match="variant must be one of"):
+        run_mln(pipe, image, source, target, 0, variant="quick")
