@@ -116,22 +116,26 @@ def test_toy_case_node_captions_follow_the_bench(comfy):
     assert focus.result[1:3] != full.result[1:3]
 
 
+def run_toy_edit(comfy, seed: int, name: str, value):
+    """Run the shipped toy MLN workflow with the edit node's input ``name`` set to ``value`` (None: left out, as in a
+    prompt saved before the input existed); returns the run (outputs by node id)."""
+    prompt = load_workflow("api/editsteer_mln_toy.json")
+    prompt["3"]["inputs"]["seed"] = seed
+    if value is None:
+        prompt["3"]["inputs"].pop(name, None)
+    else:
+        prompt["3"]["inputs"][name] = value
+    res = comfy.run_prompt(prompt)
+    assert res.success, res.error
+    return res
+
+
 def test_anchor_input_overrides_the_preset(comfy):
     """``anchor`` "preset" keeps the toy preset's residual anchor; "tokens" switches to the official fixed tokens and
     changes the edit; an API prompt without the input (saved before it existed) still runs as "preset"."""
     import torch
 
-    outs = {}
-    for anchor in ("preset", "residual", "tokens", None):
-        prompt = load_workflow("api/editsteer_mln_toy.json")
-        prompt["3"]["inputs"]["seed"] = 11
-        if anchor is None:
-            prompt["3"]["inputs"].pop("anchor", None)
-        else:
-            prompt["3"]["inputs"]["anchor"] = anchor
-        res = comfy.run_prompt(prompt)
-        assert res.success, res.error
-        outs[anchor] = res.output("3", 0)
+    outs = {a: run_toy_edit(comfy, 11, "anchor", a).output("3", 0) for a in ("preset", "residual", "tokens", None)}
     assert torch.equal(outs["preset"], outs["residual"]) and torch.equal(outs[None], outs["preset"])
     assert not torch.equal(outs["tokens"], outs["residual"])
 
@@ -145,24 +149,14 @@ def test_variant_input_runs_the_fast_variant(comfy):
     from diffusers_ext.errors import EditSteerConfigError
     from diffusers_ext.mln import MLNConfig
 
-    outs = {}
-    for variant in ("paper", "fast", None):
-        prompt = load_workflow("api/editsteer_mln_toy.json")
-        prompt["3"]["inputs"]["seed"] = 13
-        if variant is None:
-            prompt["3"]["inputs"].pop("variant", None)
-        else:
-            prompt["3"]["inputs"]["variant"] = variant
-        res = comfy.run_prompt(prompt)
-        assert res.success, res.error
-        outs[variant] = (res.output("3", 0), res.output("3", 1))
-        image, source, target = res.output("1", 0), res.output("1", 1), res.output("1", 2)
-    assert torch.equal(outs[None][0], outs["paper"][0])
-    assert not torch.equal(outs["fast"][0], outs["paper"][0])
+    runs = {v: run_toy_edit(comfy, 13, "variant", v) for v in ("paper", "fast", None)}
+    image, source, target = (runs["fast"].output("1", i) for i in range(3))
+    assert torch.equal(runs[None].output("3", 0), runs["paper"].output("3", 0))
+    assert not torch.equal(runs["fast"].output("3", 0), runs["paper"].output("3", 0))
     pipe = load_switti("toy-switti (bundled, 32 px)")
     direct = pipe(image[0].permute(2, 0, 1), source, target, config=MLNConfig.preset("toy").fast(), seed=13,
                   output_type="pt")
-    assert torch.allclose(outs["fast"][0][0], direct.images[0].permute(1, 2, 0).float(), atol=1e-6)
-    assert torch.equal(outs["fast"][1][0], direct.masks[0].float())
+    assert torch.allclose(runs["fast"].output("3", 0)[0], direct.images[0].permute(1, 2, 0).float(), atol=1e-6)
+    assert torch.equal(runs["fast"].output("3", 1)[0], direct.masks[0].float())
     with pytest.raises(EditSteerConfigError, match="variant must be one of"):
         run_mln(pipe, image, source, target, 0, variant="quick")
