@@ -65,8 +65,9 @@ class EditSteerSwittiLoader(io.ComfyNode):
             display_name="Switti Loader (MLN)",
             category="EditSteer/MLN",
             description="Loads a Switti text-to-image model (transformer, multi-scale VQ-VAE, CLIP-L + bigG) for "
-                        "Masked Logit Nudging. Local first: ComfyUI/models/editsteer/<id>/, then the Hugging Face "
-                        "cache; the Hub only when 'allow_download' is on.",
+                        "Masked Logit Nudging. Transformer and VQ-VAE: ComfyUI/models/editsteer/<id>/ first, then "
+                        "the Hugging Face cache; the CLIP encoders: the Hugging Face cache. The Hub only when "
+                        "'allow_download' is on.",
             inputs=[
                 io.Combo.Input("model", options=list(MODELS), default=list(MODELS)[0],
                                tooltip="toy-switti runs on CPU in seconds (32 px toy scenes); switti-512 / -1024 are "
@@ -85,8 +86,8 @@ class EditSteerSwittiLoader(io.ComfyNode):
 
 
 def _preview(pipe, f_hat):
-    """A quick look at the partial image: the features area-downsampled to at most a quarter of the grid (at least
-    16 tokens a side) before decoding, so a preview costs about 1/16 of a full decode at 512 / 1024 px."""
+    """A quick look at the partial image: the features area-downsampled to a quarter of the grid's side, but at
+    least 16 tokens a side, before decoding: a preview decodes 1/4 of the tokens at 512 px, 1/16 at 1024 px."""
     import torch.nn.functional as F
     from PIL import Image
 

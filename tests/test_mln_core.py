@@ -69,6 +69,15 @@ def test_presets_follow_official_v2():
     assert p512.anchor == p1024.anchor == "tokens" and p512.refine_keep == p1024.refine_keep == "mask"  # official
 
 
+def test_a_modified_preset_says_so_in_its_name():
+    """``info["preset"]`` and bench results carry the config's name: a changed field must show there, an override
+    that changes nothing must not."""
+    assert MLNConfig.preset("512", beta=8.0, cfg=3.0).name == "512+beta+cfg"
+    assert MLNConfig.preset("512", beta=12.0).name == "512"
+    assert MLNConfig.for_num_scales(6, anchor="tokens").fast().name == "toy+anchor-fast"
+    assert MLNConfig.preset("512").replace(beta=1.0, name="mine").name == "mine"
+
+
 def test_config_validation():
     with pytest.raises(EditSteerConfigError, match="one value per scale"):
         MLNConfig(num_scales=4, copy_scales=1, alphas=(1, 2))

@@ -63,7 +63,8 @@ def test_auto_user_and_global_masks(pipe):
     got = pipe(img, PS, PT, mask=user, config=cfg, output_type="np")
     assert got.info["mask_source"] == "user" and np.array_equal(got.masks[0], user)
     both = pipe(img, PS, PT, mask=user, mask_mode="intersect", config=cfg, output_type="np")
-    assert both.masks[0][8:].sum() == 0 and both.masks[0].sum() <= auto.masks[0].sum()
+    assert np.array_equal(both.masks[0], auto.masks[0] * user)  # the automatic mask, cut to the user's region
+    assert 0 < both.masks[0].sum() < auto.masks[0].sum()  # (not vacuous: the cut keeps some and drops some)
     glob = pipe(img, PS, "a watercolour painting", global_edit=True, config=cfg, output_type="np")
     assert glob.info["mask_source"] == "global" and glob.masks.min() == 1
     same = pipe(img, PS, PS, config=cfg, output_type="np")  # nothing to edit: an empty mask, said so
@@ -77,6 +78,38 @@ def test_image_size_mismatch_is_resized_with_a_warning_or_refused(pipe):
     assert any("resized from 24x24 to 16x16" in w for w in out.info["warnings"])
     with pytest.raises(EditSteerConfigError, match="24x24.*16x16"):
         pipe(img, PS, PT, config=tiny_mln_config(), resize="error")
+
+
+def test_float_images_in_either_range_and_bad_ranges(caplog):
+    """[0, 1] floats are the documented input; a tensor in [-1, 1] (diffusers' internal range) is recognised by its
+    negative values and used as it is, with a warning; 0-255 floats are refused instead of clipping to white."""
+    from diffusers_ext.mln.pipeline import image_to_tensor
+
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        assert torch.equal(image_to_tensor(x), x.mul(2).sub(1)[None]) and not caplog.records
+        assert torch.equal(image_to_tensor(x.mul(2).sub(1)), x.mul(2).sub(1)[None])
+    assert any("already in [-1, 1]" in r.getMessage() for r in caplog.records)
+    with pytest.raises(EditSteerConfigError, match=r"values reach 2\d\d; pass floats in \[0, 1\]"):
+        image_to_tensor(x.permute(1, 2, 0).numpy() * 255)
+    assert torch.equal(image_to_tensor((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)),
+                       image_to_tensor(x.mul(255).round().div(255)))
+
+
+def test_automatic_mask_without_prompt_tokens_is_refused(pipe):
+    """``mln_edit`` called directly (no pipeline) needs the prompts' token ids for the automatic mask; without them
+    it says what to pass instead of failing inside the token alignment."""
+    from diffusers_ext.mln.core import mln_edit
+    from diffusers_ext.mln.pipeline import image_to_tensor
+    from diffusers_ext.switti.backbone import SwittiBackbone
+
+    enc = [pipe.encode_prompt([p], pipe.device) for p in (PT, PS)]
+    backbone = SwittiBackbone(pipe.transformer, pipe.vqvae, pipe.prepare_conditioning(enc), batch=1)
+    img = image_to_tensor(random_image())
+    with pytest.raises(EditSteerConfigError, match="source_ids and target_ids"):
+        mln_edit(backbone, img, tiny_mln_config())
+    out = mln_edit(backbone, img, tiny_mln_config(global_edit=True))  # no automatic mask: no ids needed
+    assert out.info["mask_source"] == "global"
 
 
 def test_bad_inputs_fail_clearly_and_leave_the_model_as_it_was(pipe):
@@ -140,6 +173,47 @@ def test_runs_in_bfloat16():
     out = bf(random_image(), PS, PT, config=tiny_mln_config(), output_type="np")
     assert bf.transformer.dtype == torch.bfloat16 and np.isfinite(out.images).all()
     assert out.images.shape == (1, 16, 16, 3) and out.info["mask_source"] == "auto"
+
+
+def test_crop_condition_keeps_float32_phases_in_bfloat16(tmp_path):
+    """The crop condition's Fourier phases reach ~1e4 rad (``512 * w * 2 pi``); rounded to bf16 they are noise. Cast
+    with ``.to(bfloat16)`` or loaded with ``torch_dtype=bfloat16``, the frequencies stay float32 and the bf16 model's
+    crop condition matches the fp32 model's (bf16 rounding of the projection only)."""
+    from diffusers.models.embeddings import GaussianFourierProjection
+
+    from diffusers_ext.switti import SwittiTransformer
+    from diffusers_ext.switti.tiny import TinySwittiConfig, tiny_transformer
+
+    cfg = TinySwittiConfig(embed_dim=64)
+    g = torch.Generator().manual_seed(0)
+    prompts = (torch.randn(1, 7, 48, generator=g), torch.randn(1, 32, generator=g), torch.zeros(1, 7))
+    fp32 = tiny_transformer(cfg)
+    ref = fp32.prepare_conditioning(*prompts).crop
+    fp32.save_pretrained(tmp_path)
+
+    def cosine(m):
+        crop = m.prepare_conditioning(*prompts).crop.float()
+        return float(torch.nn.functional.cosine_similarity(ref.flatten(), crop.flatten(), dim=0))
+
+    cast = tiny_transformer(cfg).to(torch.bfloat16)
+    loaded = SwittiTransformer.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    for m in (cast, loaded):
+        assert m.dtype == torch.bfloat16 and m.crop_embed.weight.dtype == torch.float32
+        assert cosine(m) > 0.999
+    # what a bf16 copy of the frequencies gives instead (the official pipeline in bf16)
+    rounded = tiny_transformer(cfg).to(torch.bfloat16)
+    plain = GaussianFourierProjection(rounded.crop_embed.weight.numel(), set_W_to_weight=False, log=False)
+    plain.weight.data = rounded.crop_embed.weight.data.bfloat16()
+    rounded.crop_embed = plain
+    assert cosine(rounded) < 0.95
+
+
+def test_model_cpu_offload_is_refused_up_front():
+    """The sampler calls the models' per-scale methods, which accelerate's forward hooks never see: offload would
+    fail mid-edit on a device mismatch, so the pipeline declares no offload sequence and diffusers refuses at once."""
+    pipe = tiny_mln_pipeline()
+    with pytest.raises(ValueError, match="model_cpu_offload_seq"):
+        pipe.enable_model_cpu_offload(device="cpu")
 
 
 def test_pack_shims_have_unique_file_names():

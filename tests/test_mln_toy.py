@@ -103,6 +103,7 @@ def test_speed_benchmark_writes_its_json(tmp_path):
     assert speed.main(["--out", str(tmp_path), "--toy-cases", "1", "--repeats", "1"]) == 0
     r = json.loads((tmp_path / "speed.json").read_text())["toy"]
     assert r["plain_s"] > 0 and r["plain_cpu_s"] > 0 and r["cases"] == 1
+    assert (r["device"], r["dtype"]) == ("cpu", "float32")  # where the models ran, read off the model
     for name in ("toy", "toy-fast"):
         m = r["mln"][name]
         assert m["mln_s"] > 0 and m["cpu_ratio"] > 0 and m["token_rows"] > 0
@@ -113,6 +114,9 @@ def test_speed_benchmark_writes_its_json(tmp_path):
     assert r["token_rows_plain_cfg_all"] == r["token_rows_plain"] + pns[-1] ** 2 == 2 * sum(p * p for p in pns)
     v = r["mln"]["toy"]["vs_plain_cfg_all"]
     assert v["token_row_ratio"] == r["mln"]["toy"]["token_rows"] / r["token_rows_plain_cfg_all"] and v["cpu_ratio"] > 0
+    # --dtype casts the models (the path a GPU run takes with --device cuda --dtype bf16)
+    assert speed.main(["--out", str(tmp_path / "bf16"), "--toy-cases", "1", "--repeats", "1", "--dtype", "bf16"]) == 0
+    assert json.loads((tmp_path / "bf16" / "speed.json").read_text())["toy"]["dtype"] == "bfloat16"
 
 
 

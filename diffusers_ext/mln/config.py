@@ -154,14 +154,14 @@ class MLNConfig:
         name = str(name)
         if name not in PRESETS:
             raise EditSteerConfigError(f"unknown MLN preset {name!r}; known: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return PRESETS[name].replace(**overrides)
 
     @classmethod
     def for_num_scales(cls, num_scales: int, **overrides) -> "MLNConfig":
         """The preset whose scale count matches a model (10 -> "512", 14 -> "1024", 6 -> "toy")."""
         for p in PRESETS.values():
             if p.num_scales == num_scales:
-                return dataclasses.replace(p, **overrides)
+                return p.replace(**overrides)
         raise EditSteerConfigError(f"no MLN preset for a {num_scales}-scale model (presets: "
                                    + ", ".join(f"{n}: {p.num_scales} scales" for n, p in PRESETS.items())
                                    + "); build MLNConfig(num_scales=..., copy_scales=..., alphas=...) yourself")
@@ -175,12 +175,19 @@ class MLNConfig:
     def fast(self) -> "MLNConfig":
         """EditSteer's speed variant (not the official method): the mask from the second-to-last scale (0.56x the
         tokens at 512 px) and no TV weight on the last scale, whose source row is then not computed. At 512 px the
-        transformer does 4361 instead of 6396 token-rows per edit (plain generation: 3456)."""
+        transformer does 4476 instead of 6396 token-rows per edit (plain generation: 3456); each change alone would
+        leave 5500 (mask) or 5372 (last-scale weight), over 1.5x plain."""
         K = self.num_scales
         return dataclasses.replace(self, mask_scale=K - 2, tv_stop=K - 1, name=f"{self.name}-fast")
 
     def replace(self, **kw) -> "MLNConfig":
-        return dataclasses.replace(self, **kw)
+        """A copy with fields replaced; unless ``name`` is given, the name records what changed (``"512+beta"``),
+        so results and ``info["preset"]`` never pass a modified preset off as the official one."""
+        new = dataclasses.replace(self, **kw)
+        changed = [k for k in kw if k != "name" and getattr(new, k) != getattr(self, k)]
+        if "name" in kw or not changed:
+            return new
+        return dataclasses.replace(new, name=f"{self.name}+{'+'.join(changed)}")
 
     def blocks_for_depth(self, depth: int) -> range:
         """Blocks averaged for the mask: explicit, or the official 3..26 of 30 scaled to ``depth``."""

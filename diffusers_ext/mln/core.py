@@ -60,6 +60,10 @@ def build_sampler(config: MLNConfig) -> MaskedLogitSampler:
 def compute_edit_mask(backbone, source_tokens: list[torch.Tensor], config: MLNConfig, *, source_ids, source_len,
                       target_ids, target_len) -> tuple[torch.Tensor, dict]:
     """The automatic mask (1, 1, G, G) from cross-attention differences at the mask scale (see :mod:`.masks`)."""
+    if source_ids is None or target_ids is None:
+        raise EditSteerConfigError("the automatic mask compares the prompts' tokens: pass source_ids and target_ids "
+                                   "(with source_len, target_len), or a user mask (mask_mode='replace'), or "
+                                   "global_edit=True")
     K = len(backbone.patch_nums)
     m = config.mask_scale if config.mask_scale is not None else K - 1
     pairs = changed_token_pairs(source_ids, target_ids, source_len, target_len, config.mask_neighbours)

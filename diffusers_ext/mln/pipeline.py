@@ -48,7 +48,8 @@ class MLNPipelineOutput(BaseOutput):
 
 def image_to_tensor(image) -> torch.Tensor:
     """PIL / uint8 or [0, 1] float array (H, W, 3) / [0, 1] tensor (3, H, W) or (1, 3, H, W) -> (1, 3, H, W) in
-    [-1, 1]."""
+    [-1, 1]. A float input with negative values is taken as already in [-1, 1], with a warning (as diffusers'
+    ``VaeImageProcessor`` does); values above 1 are refused (a 0-255 float image would otherwise clip to white)."""
     if isinstance(image, PIL.Image.Image):
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         t = torch.from_numpy(arr).permute(2, 0, 1)
@@ -70,6 +71,13 @@ def image_to_tensor(image) -> torch.Tensor:
         raise EditSteerConfigError(f"image must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     if not torch.isfinite(t).all():
         raise EditSteerConfigError("image has NaN or infinite values")
+    lo, hi = float(t.min()), float(t.max())
+    if hi > 1.0 + 1e-3:
+        raise EditSteerConfigError(f"image values reach {hi:.3g}; pass floats in [0, 1] (or uint8 / PIL)")
+    if lo < 0:
+        logger.warning("MLN: image values go down to %.3g, so the image is taken as already in [-1, 1]; the expected "
+                       "range for float input is [0, 1]", lo)
+        return t.clamp(-1, 1)[None]
     return t.clamp(0, 1).mul(2).sub(1)[None]
 
 
@@ -125,7 +133,10 @@ class MLNPipeline(SwittiPipeline):
                 ``beta=8.0, refine_steps=0``.
             seed: the sampler seed (reseeded at every scale).
             global_edit: mask everywhere and no refinement (style edits).
-            callback_on_step_end: ``fn(pipe, scale_index, None, {"f_hat": f_hat})`` after every scale.
+            callback_on_step_end: ``fn(pipe, scale_index, None, {"f_hat": f_hat})`` after every scale, for progress
+                and previews; unlike :class:`SwittiPipeline`'s, its return value is ignored (the sampler owns
+                ``f_hat``) and ``pipe._interrupt`` is not read: raise from it to stop an edit (ComfyUI's interrupt
+                does).
             source_encoding, target_encoding: pre-computed prompt encodings (skip the text encoders).
 
         Returns:
@@ -169,7 +180,6 @@ class MLNPipeline(SwittiPipeline):
         backbone = SwittiBackbone(self.transformer, self.vqvae, self.prepare_conditioning([tgt, src]), batch=1)
 
         # 3. edit
-        self._interrupt = False
         with self.progress_bar(total=len(self.patch_nums)) as bar:
             def on_scale(k, K, f_hat):
                 if callback_on_step_end is not None:

@@ -234,7 +234,10 @@ class MaskedLogitSampler:
             raise ValueError("copy_scales > 0 needs source_tokens")
         if generator is None:
             generator = torch.Generator(device=backbone.empty_fhat().device)
-            generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**31)))
+            if seed is None:
+                generator.seed()  # a fresh random seed, without touching torch's global generator
+            else:
+                generator.manual_seed(int(seed))
         seed0 = generator.initial_seed()
         f_hat = backbone.empty_fhat()
         B = f_hat.shape[0]

@@ -1,6 +1,7 @@
 """Speed of an MLN edit against a plain generation of the same model and resolution (writes JSON).
 
 ``python -m diffusers_ext.mln.speed --out runs/mln-speed [--full-size] [--repeats 3] [--threads 1]``
+``python -m diffusers_ext.mln.speed --out runs/mln-speed-gpu --full-size-only --device cuda --dtype bf16 --repeats 3``
 
 * ``toy``: the bundled toy Switti (32 px, 6 scales), median over toy cases: MLN edit (source -> target caption)
   vs a plain generation of the target caption with the same sampling settings (CFG with a negative prompt on every
@@ -9,7 +10,7 @@
   Switti 512); the ratios against both are reported.
 * ``full_size_512`` (``--full-size``): the official Switti 512 architecture (depth 30, width 1920, 2.47 B
   parameters; VQ-VAE 109 M) with random weights and random prompt encodings (the CLIP encoders are left out: they
-  cost the same in both), fp32 on this machine's device.
+  cost the same in both), on ``--device`` in ``--dtype`` (default: CPU, fp32).
 * ``full_size_1024`` (``--full-size --full-size-reso 1024``): the same at 1024 px (14 scales), against plain
   generation and the Switti README's 1024 example (``turn_off_cfg_start_si=11``); every-scale CFG is left out and
   only MLN's ``1024`` preset runs by default, to keep the run shorter (47 min on one CPU thread).
@@ -17,7 +18,9 @@
   ``fast`` (:meth:`MLNConfig.fast`); default ``paper fast`` at 512, ``paper`` at 1024.
 
 Both report wall time, transformer row-passes x tokens (the work the transformer does), and MLN's parts (source
-tokenisation, mask passes, scale loop, refinement + decode).
+tokenisation, mask passes, scale loop, refinement + decode). On CUDA every timed call is synchronised and preceded by
+one untimed warm-up call, the peak allocated memory is recorded, and the CPU-time ratios (meant for a shared CPU)
+mean nothing; read the wall-time ``ratio``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def token_rows_plain(pns, cfg_stop) -> int:
@@ -49,13 +54,24 @@ def token_rows_mln(pns, cfg) -> int:
     return mask + loop
 
 
-def _time(fn, repeats: int) -> tuple[float, list[float], object, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, repeats: int, device: torch.device = torch.device("cpu")
+          ) -> tuple[float, list[float], object, float]:
     """Median wall time, all wall times, the last output, and the median CPU time of this process (which, unlike
-    wall time, does not grow when other jobs share the cores)."""
+    wall time, does not grow when other jobs share the cores). On CUDA: one untimed warm-up call, and the device
+    synchronised around every timed call."""
+    if device.type == "cuda":
+        fn()
     ts, cpu, out = [], [], None
     for _ in range(repeats):
+        _sync(device)
         t, c = time.perf_counter(), time.process_time()
         out = fn()
+        _sync(device)
         ts.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return statistics.median(ts), ts, out, statistics.median(cpu)
@@ -80,6 +96,7 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
         p.set_progress_bar_config(disable=True)
     c0 = configs[0]
     pns = pipe.patch_nums
+    device = pipe.transformer.device
     baselines = dict(baselines or {"plain": c0.cfg_stop, "plain_cfg_all": len(pns)})
     if "plain" not in baselines:
         raise ValueError("baselines must include 'plain' (the reference of the ratios)")
@@ -96,11 +113,12 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
         m_kw = {"target_encoding": enc["target"], "source_encoding": enc["source"]} if enc else {}
         for b, stop in baselines.items():
             t, _, _, cpu = _time(lambda: plain(tgt, negative_prompt=src, seed=i, turn_off_cfg_start_si=stop, **kw,
-                                               **p_kw), repeats)
+                                               **p_kw), repeats, device)
             base_t[b].append(t)
             base_cpu[b].append(cpu)
         for c in configs:
-            t, _, out, cpu = _time(lambda: mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw), repeats)
+            t, _, out, cpu = _time(lambda: mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw), repeats,
+                                   device)
             mln_t[c.name].append(t)
             mln_cpu[c.name].append(cpu)
             parts[c.name].append({k: out.info[k] for k in ("mask_s", "sample_s", "total_s")})
@@ -109,7 +127,11 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
     rows = {b: token_rows_plain(pns, stop) for b, stop in baselines.items()}
     res = {"plain_s": med["plain"], "plain_s_all": base_t["plain"], "plain_cpu_s": cpu["plain"],
            "token_rows_plain": rows["plain"], "cases": len(cases), "repeats": repeats, "patch_nums": list(pns),
-           "baselines_turn_off_cfg_start_si": baselines, "mln": {}}
+           "baselines_turn_off_cfg_start_si": baselines, "device": str(device),
+           "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "mln": {}}
+    if device.type == "cuda":
+        res["device_name"] = torch.cuda.get_device_name(device)
+        res["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     others = [b for b in baselines if b != "plain"]
     for b in others:
         res.update({f"{b}_s": med[b], f"{b}_cpu_s": cpu[b], f"token_rows_{b}": rows[b]})
@@ -135,6 +157,7 @@ def toy(args) -> dict:
     from .pipeline import MLNPipeline
 
     pipe, where = load_pipeline(args.model, MLNPipeline)
+    pipe.to(args.device, DTYPES[args.dtype])
     cfg = MLNConfig.for_num_scales(len(pipe.patch_nums))
     cases = [W.make_case("heldout", 0, i) for i in range(args.toy_cases)]
     res = bench_pipeline(pipe, [(W.to_pil(c.source), c.source_caption, c.target_caption) for c in cases],
@@ -163,6 +186,8 @@ def full_size(args, reso: int = 512) -> dict:
     t0 = time.perf_counter()
     transformer = SwittiTransformer(**transformer_config_from_official({"depth": 30, "reso": reso})).eval()
     vqvae = SwittiVQVAE(**vqvae_config_from_official({}, reso=reso)).eval()
+    transformer.to(args.device, DTYPES[args.dtype])
+    vqvae.to(args.device, DTYPES[args.dtype])
     build_s = time.perf_counter() - t0
     pipe = MLNPipeline(transformer=transformer, vqvae=vqvae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                        tokenizer_2=None)
@@ -188,8 +213,8 @@ def full_size(args, reso: int = 512) -> dict:
     res = bench_pipeline(pipe, [(img, "source", "target")], configs, args.repeats,
                          encodings=lambda i: {"source": src, "target": tgt}, baselines=baselines)
     res.update(build_s=build_s, params_transformer=sum(p.numel() for p in transformer.parameters()),
-               params_vqvae=sum(p.numel() for p in vqvae.parameters()), dtype="float32",
-               device=str(transformer.device), text_encoders="left out (random encodings; equal cost in both)")
+               params_vqvae=sum(p.numel() for p in vqvae.parameters()),
+               text_encoders="left out (random encodings; equal cost in both)")
     return res
 
 
@@ -216,7 +241,9 @@ def main(argv=None) -> int:
                    help="MLN configurations timed at full size (default: paper fast at 512, paper at 1024)")
     p.add_argument("--full-size-only", action="store_true")
     p.add_argument("--full-size-repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model dtype (default fp32)")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -232,8 +259,8 @@ def _run(args) -> int:
     f = out / "speed.json"
     results = json.loads(f.read_text()) if f.exists() else {}
     results.update({"command": " ".join(["python -m diffusers_ext.mln.speed", *sys.argv[1:]]),
-                    "platform": platform.platform(), "threads": args.threads,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"})
+                    "platform": platform.platform(), "threads": args.threads, "device": args.device,
+                    "dtype": args.dtype})
     if not args.full_size_only:
         results["toy"] = toy(args)
         _say("toy", results["toy"])

@@ -61,7 +61,9 @@ class SwittiPipeline(DiffusionPipeline):
     :meth:`from_switti_checkpoints`.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vqvae"
+    # No model_cpu_offload_seq: accelerate's offload hooks wrap ``forward``, and the sampler calls the transformer's
+    # and VQ-VAE's per-scale methods instead, so ``enable_model_cpu_offload`` refuses (diffusers' own error) rather
+    # than failing mid-run on a device mismatch. In bf16 the weights take about 7 GB of GPU memory.
     _optional_components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
     def __init__(self, transformer: SwittiTransformer, vqvae: SwittiVQVAE, text_encoder, tokenizer, text_encoder_2,

@@ -14,7 +14,11 @@ switti_official_state_dict.json`` lists them; a test compares). What differs fro
   once per prompt (:meth:`prepare_conditioning`) as the official cross-attention cache does;
 * cross-attention goes through a swappable processor (:meth:`set_cross_attn_processor`, diffusers style), which is
   how MLN records cross-attention maps without touching the model code;
-* no CUDA-only autocast, no apex/flash-attn paths; runs on CPU in fp32 and on GPU in bf16/fp16.
+* no CUDA-only autocast, no apex/flash-attn paths; runs on CPU in fp32 and on GPU in bf16/fp16;
+* the crop condition's Fourier features stay in float32 whatever the model's dtype (:class:`Float32Fourier`): their
+  phases reach ~1e4 rad, which bf16 / fp16 cannot hold. This is the model as trained (fp32 weights under autocast)
+  and the official fp32 pipeline exactly; the official ``SwittiPipeline`` in bf16 rounds them (cosine to fp32 ~0.6
+  with random weights).
 
 Example::
 
@@ -44,6 +48,21 @@ from .schedules import scale_slices, validate_patch_nums
 
 # ----------------------------------------------------------------------------------------------------------------
 # conditioning
+
+
+class Float32Fourier(GaussianFourierProjection):
+    """``GaussianFourierProjection`` whose random frequencies (``weight``) stay float32 through ``.to(dtype)``,
+    ``.half()`` and the like (devices still move), and which computes in float32: the caller casts the output."""
+
+    def _apply(self, fn, recurse=True):
+        w = self.weight.data
+        super()._apply(fn, recurse)
+        if w.dtype == torch.float32 and self.weight.dtype != torch.float32 and not w.is_meta:
+            self.weight.data = w.to(self.weight.device)  # the original, not a round trip through the narrow type
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
 
 
 def crop_condition(heights, widths, base_size: int = 512) -> torch.Tensor:
@@ -292,6 +311,7 @@ class SwittiTransformer(ModelMixin, ConfigMixin):
     # The official state dict may carry the L x L training mask; it is rebuilt on demand here.
     _keys_to_ignore_on_load_unexpected = [r"^attn_bias_for_masking$"]
     _no_split_modules = ["AdaLNSelfCrossAttn"]
+    _keep_in_fp32_modules = ["crop_embed"]  # see Float32Fourier
 
     @register_to_config
     def __init__(
@@ -348,8 +368,8 @@ class SwittiTransformer(ModelMixin, ConfigMixin):
             for _ in range(depth)
         ])
         if use_crop_cond:
-            self.crop_embed = GaussianFourierProjection(self.D // 2 // 4, set_W_to_weight=False, log=False,
-                                                        flip_sin_to_cos=False)
+            self.crop_embed = Float32Fourier(self.D // 2 // 4, set_W_to_weight=False, log=False,
+                                             flip_sin_to_cos=False)
             self.crop_proj = nn.Linear(self.D, self.D)
         lvl = torch.cat([torch.full((p * p,), i) for i, p in enumerate(self.patch_nums)]).view(1, self.L)
         self.register_buffer("lvl_1L", lvl)
@@ -369,16 +389,16 @@ class SwittiTransformer(ModelMixin, ConfigMixin):
         ``prompt_attn_bias`` (B, T) additive (0 keep, -inf padding) or None. ``image_size`` only feeds the crop
         condition; any square size gives the same condition.
         """
-        dtype = self.word_embed.weight.dtype
+        dtype, device = self.word_embed.weight.dtype, self.word_embed.weight.device
         B = prompt_embeds.shape[0]
-        cond = self.text_pooler(pooled_prompt_embeds.to(dtype))
+        cond = self.text_pooler(pooled_prompt_embeds.to(device=device, dtype=dtype))
         crop = None
         if self.config.use_crop_cond:
             h, w = image_size or (self.config.crop_base_size, self.config.crop_base_size)
             coords = crop_condition([h] * B, [w] * B, self.config.crop_base_size).to(cond.device)
             crop = self.crop_proj(self.crop_embed(coords.view(-1)).reshape(B, self.D).to(dtype))
-        context = prompt_embeds.to(dtype)
-        bias = None if prompt_attn_bias is None else prompt_attn_bias.to(device=context.device, dtype=torch.float32)
+        context = prompt_embeds.to(device=device, dtype=dtype)
+        bias = None if prompt_attn_bias is None else prompt_attn_bias.to(device=device, dtype=torch.float32)
         kv = [blk.context_kv(context) for blk in self.blocks]
         return SwittiConditioning(cond=cond, crop=crop, context=context, context_bias=bias, kv=kv)
 
