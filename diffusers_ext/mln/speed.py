@@ -13,7 +13,7 @@
   cost the same in both), on ``--device`` in ``--dtype`` (default: CPU, fp32).
 * ``full_size_1024`` (``--full-size --full-size-reso 1024``): the same at 1024 px (14 scales), against plain
   generation and the Switti README's 1024 example (``turn_off_cfg_start_si=11``); every-scale CFG is left out and
-  only MLN's ``1024`` preset runs by default, to keep the run shorter (47 min on one CPU thread).
+  only MLN's ``1024`` preset runs by default, to keep the run shorter (44 min on one CPU thread).
   ``--full-size-variants`` picks the MLN configurations timed at full size: ``paper`` (the preset) and / or
   ``fast`` (:meth:`MLNConfig.fast`); default ``paper fast`` at 512, ``paper`` at 1024.
 

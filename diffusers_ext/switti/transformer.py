@@ -17,7 +17,7 @@ switti_official_state_dict.json`` lists them; a test compares). What differs fro
 * no CUDA-only autocast, no apex/flash-attn paths; runs on CPU in fp32 and on GPU in bf16/fp16;
 * the crop condition's Fourier features stay in float32 whatever the model's dtype (:class:`Float32Fourier`): their
   phases reach ~1e4 rad, which bf16 / fp16 cannot hold. This is the model as trained (fp32 weights under autocast)
-  and the official fp32 pipeline exactly; the official ``SwittiPipeline`` in bf16 rounds them (cosine to fp32 ~0.6
+  and the official fp32 pipeline exactly; the official ``SwittiPipeline`` in bf16 rounds them (cosine to fp32 0.6-0.7
   with random weights).
 
 Example::
