@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     model = build(a.layers, dtype, device)
     build_s = time.perf_counter() - t0
     params = sum(x.numel() for x in model.parameters())
-    configs = {f"sink{a.sink}+window{a.window}": AnchorEditConfig(sink=a.sink, window=a.window, max_turns=a.turns),
-               "full cache": AnchorEditConfig(window=None, max_turns=a.turns)}
+    window_cfg = AnchorEditConfig(sink=a.sink, window=a.window, max_turns=a.turns)
+    configs = {f"sink{a.sink}+window{a.window}": window_cfg, "full cache": AnchorEditConfig(window=None, max_turns=a.turns)}
     results = {}
     for name, cfg in configs.items():
         rows, cache = run_session(model, cfg, a.turns, a.size, a.text_len, dtype, device)
@@ -117,10 +117,12 @@ def main(argv=None) -> int:
         "text_len": a.text_len, "turns": a.turns, "sampler": "distilled 4 steps + 1 cache write per turn",
         "build_s": build_s, "threads": torch.get_num_threads(), "platform": platform.platform(),
         "cache_bytes_per_frame": per_frame, "results": results,
+        # slots as cache.nbytes() counts them: the kept frames and the scratch slot (+ undo copies, apart)
         "derived_full_14b_1024px": {
             "cache_bytes_per_frame": full_14b,
             "window_cache_gib": full_14b * (a.sink + a.window + 1) / 2**30,
-            "full_cache_gib_at_turn": {t: full_14b * (t + 1) / 2**30 for t in (5, 10, a.turns)},
+            "window_undo_copies_gib": full_14b * window_cfg.undo_depth / 2**30,
+            "full_cache_gib_at_turn": {t: full_14b * (t + 2) / 2**30 for t in (5, 10, a.turns)},
         },
         "command": "python -m diffusers_ext.anchoredit.perf " + " ".join(argv if argv is not None else
                                                                          __import__("sys").argv[1:]),
