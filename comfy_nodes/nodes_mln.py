@@ -29,32 +29,44 @@ PRESETS = ("auto", "512", "1024", "toy")
 VARIANTS = ("paper", "fast")
 
 
-def _device():
-    import comfy.model_management as mm
-
-    return mm.get_torch_device()
+def working_memory(pipe) -> int:
+    """An upper estimate, in bytes, of what an MLN edit needs on the device beyond the weights: its largest pass
+    (two prompt rows of the last scale's tokens) through one block (about 16 activations of the model width), the
+    fp32 logits with their softmax and nudge copies, and one block's explicit cross-attention probabilities (the
+    mask pass records them)."""
+    cfg = pipe.transformer.config
+    tokens = 2 * pipe.patch_nums[-1] ** 2
+    width = cfg.embed_dim * pipe.transformer.dtype.itemsize
+    return tokens * (16 * width + 4 * cfg.V * 4 + cfg.num_heads * 77 * 4)
 
 
 def load_switti(model: str, dtype: str = "auto", allow_download: bool = False):
-    """An :class:`~diffusers_ext.mln.MLNPipeline` for a loader choice (see ``MODELS``), on ComfyUI's device."""
+    """A :class:`~comfy_nodes.managed.ManagedPipeline` of an :class:`~diffusers_ext.mln.MLNPipeline` for a loader
+    choice (see ``MODELS``): loaded on ComfyUI's offload device (usually the CPU), moved to its device by
+    :func:`run_mln`, and evicted by ComfyUI like its own models."""
+    import comfy.model_management as mm
+
     from diffusers_ext.errors import EditSteerConfigError
     from diffusers_ext.mln import MLNPipeline
     from diffusers_ext.weights import resolve
 
+    from .managed import ManagedPipeline
+
     if model not in MODELS:
         raise EditSteerConfigError(f"unknown Switti model {model!r}; choose one of {list(MODELS)}")
     artifact, repo = MODELS[model]
-    device = _device()
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
     torch_dtype = DTYPES[dtype]
     if torch_dtype is None:
         torch_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if repo is None:  # a whole pipeline folder (the toy): fp32
-        pipe = MLNPipeline.from_pretrained(resolve(artifact, allow_download=allow_download).path).to(device)
+        pipe = MLNPipeline.from_pretrained(resolve(artifact, allow_download=allow_download).path)
     else:
         pipe = MLNPipeline.from_switti_checkpoints(artifact, "vqvae-switti", torch_dtype=torch_dtype,
-                                                   allow_download=allow_download).to(device)
+                                                   allow_download=allow_download)
+    pipe.to(offload)
     pipe.set_progress_bar_config(disable=True)  # ComfyUI's own progress bar is used
-    return pipe
+    return ManagedPipeline(pipe, device, offload, working_memory(pipe))
 
 
 class EditSteerSwittiLoader(io.ComfyNode):
@@ -103,13 +115,14 @@ def _preview(pipe, f_hat):
     return ("JPEG", pil, 512)
 
 
-def run_mln(pipe, image: torch.Tensor, source_prompt: str, target_prompt: str, seed: int, preset: str = "auto",
+def run_mln(switti, image: torch.Tensor, source_prompt: str, target_prompt: str, seed: int, preset: str = "auto",
             global_edit: bool = False, refine: bool = True, mask: torch.Tensor | None = None,
             mask_mode: str = "replace", preview: bool = True, progress=None, anchor: str = "preset",
             variant: str = "paper"):
-    """Edit a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1]; returns (IMAGE, MASK (B, H, W)). ``anchor``: "preset"
-    keeps the preset's, "tokens" / "residual" override it (:attr:`MLNConfig.anchor`). ``variant``: "paper" runs the
-    preset as it is, "fast" EditSteer's speed variant of it (:meth:`MLNConfig.fast`)."""
+    """Edit a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1] with ``switti`` (from :func:`load_switti`; loaded onto
+    ComfyUI's device once the inputs are checked); returns (IMAGE, MASK (B, H, W)). ``anchor``: "preset" keeps the
+    preset's, "tokens" / "residual" override it (:attr:`MLNConfig.anchor`). ``variant``: "paper" runs the preset as
+    it is, "fast" EditSteer's speed variant of it (:meth:`MLNConfig.fast`)."""
     import comfy.model_management as mm
 
     from diffusers_ext.errors import EditSteerConfigError
@@ -117,6 +130,7 @@ def run_mln(pipe, image: torch.Tensor, source_prompt: str, target_prompt: str, s
     if image.ndim != 4 or image.shape[-1] < 3:
         raise EditSteerConfigError(f"IMAGE must be (B, H, W, 3), got {tuple(image.shape)}")
     B = image.shape[0]
+    pipe = switti.pipe
     if mask is not None:
         mask = mask if mask.ndim == 3 else mask[None]
         if mask.shape[0] not in (1, B):
@@ -130,6 +144,7 @@ def run_mln(pipe, image: torch.Tensor, source_prompt: str, target_prompt: str, s
     cfg = pipe.resolve_config(None if preset == "auto" else preset, None, global_edit, overrides)
     if variant == "fast":
         cfg = cfg.fast()
+    switti.load()
     images, masks = [], []
     for b in range(B):
         def on_scale(_pipe, k, _t, kw, b=b):
@@ -199,7 +214,7 @@ class EditSteerMLNEdit(io.ComfyNode):
                 mask_mode="replace", preview=True, anchor="preset", variant="paper") -> io.NodeOutput:
         import comfy.utils
 
-        K = len(switti.patch_nums)
+        K = len(switti.pipe.patch_nums)
         bar = comfy.utils.ProgressBar(K * image.shape[0])
         out, masks = run_mln(switti, image, source_prompt, target_prompt, seed, preset, global_edit, refine, mask,
                              mask_mode, preview, bar, anchor, variant)

@@ -88,12 +88,12 @@ def test_bad_mask_batch_is_refused_clearly(comfy):
     from comfy_nodes.nodes_mln import load_switti, run_mln
     from diffusers_ext.errors import EditSteerConfigError
 
-    pipe = load_switti("toy-switti (bundled, 32 px)")
+    switti = load_switti("toy-switti (bundled, 32 px)")
     img = torch.rand(2, 32, 32, 3)
     with pytest.raises(EditSteerConfigError, match="MASK batch 3"):
-        run_mln(pipe, img, "a red circle", "a blue circle", 0, mask=torch.ones(3, 32, 32))
+        run_mln(switti, img, "a red circle", "a blue circle", 0, mask=torch.ones(3, 32, 32))
     with pytest.raises(EditSteerConfigError, match="mask has shape"):
-        run_mln(pipe, img[:1], "a red circle", "a blue circle", 0, mask=torch.ones(1, 20, 20))
+        run_mln(switti, img[:1], "a red circle", "a blue circle", 0, mask=torch.ones(1, 20, 20))
 
 
 def test_api_workflow_runs_on_a_loopback_server(comfy_server):
@@ -154,10 +154,49 @@ def test_variant_input_runs_the_fast_variant(comfy):
     image, source, target = (runs["fast"].output("1", i) for i in range(3))
     assert torch.equal(runs[None].output("3", 0), runs["paper"].output("3", 0))
     assert not torch.equal(runs["fast"].output("3", 0), runs["paper"].output("3", 0))
-    pipe = load_switti("toy-switti (bundled, 32 px)")
-    direct = pipe(image[0].permute(2, 0, 1), source, target, config=MLNConfig.preset("toy").fast(), seed=13,
+    switti = load_switti("toy-switti (bundled, 32 px)")
+    direct = switti.load()(image[0].permute(2, 0, 1), source, target, config=MLNConfig.preset("toy").fast(), seed=13,
                   output_type="pt")
     assert torch.allclose(runs["fast"].output("3", 0)[0], direct.images[0].permute(1, 2, 0).float(), atol=1e-6)
     assert torch.equal(runs["fast"].output("3", 1)[0], direct.masks[0].float())
     with pytest.raises(EditSteerConfigError, match="variant must be one of"):
-        run_mln(pipe, image, source, target, 0, variant="quick")
+        run_mln(switti, image, source, target, 0, variant="quick")
+
+
+def test_switti_is_under_comfyui_model_management(comfy):
+    """The loader's Switti is one of ComfyUI's managed models, so ComfyUI can evict it for the next model of a
+    workflow: an edit loads it fully (weights of every component counted); "free model memory"
+    (``unload_all_models``) unloads it; after a partial unload (what ``free_memory`` does when it needs only part of
+    a model's memory) the next edit loads it fully again; the edits agree."""
+    import comfy.model_management as mm
+    import torch
+
+    from comfy_nodes.nodes_mln import load_switti, run_mln
+    from diffusers_ext.mln.captions import case_captions
+    from diffusers_ext.toy import world
+
+    case = world.make_case("heldout", 0, 5)
+    image = torch.from_numpy(case.source.astype("float32") / 255.0)[None]
+    source, target = case_captions(case, "focus")
+    switti = load_switti("toy-switti (bundled, 32 px)")
+    patcher, pipe = switti.patcher, switti.pipe
+    weights = sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.text_encoder_2)
+                  for t in m.state_dict().values())
+    assert patcher.model_size() >= weights > 0
+    assert patcher not in mm.loaded_models() and patcher.loaded_size() == 0
+
+    first = run_mln(switti, image, source, target, 5)
+    assert patcher in mm.loaded_models() and patcher.loaded_size() == patcher.model_size()
+    assert all(p.device == patcher.load_device for p in pipe.transformer.parameters())
+
+    mm.unload_all_models()
+    assert patcher not in mm.loaded_models() and patcher.loaded_size() == 0
+    second = run_mln(switti, image, source, target, 5)
+    assert patcher.loaded_size() == patcher.model_size()
+
+    freed = patcher.partially_unload(patcher.offload_device, memory_to_free=patcher.model_size() // 2)
+    assert 0 < freed < patcher.model_size() and patcher.loaded_size() == patcher.model_size() - freed
+    third = run_mln(switti, image, source, target, 5)
+    assert patcher.loaded_size() == patcher.model_size()
+    for out in (second, third):
+        assert torch.equal(out[0], first[0]) and torch.equal(out[1], first[1])
