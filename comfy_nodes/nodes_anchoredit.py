@@ -26,7 +26,7 @@ AnchorEditModel = io.Custom("EDITSTEER_ANCHOREDIT_MODEL")
 AnchorEditSessionType = io.Custom("EDITSTEER_ANCHOREDIT_SESSION")
 TOY_ID = "toy-anchoredit"
 SESSION_DIR = "editsteer_sessions"
-_MODELS: dict[tuple, object] = {}  # (source, device) -> pipeline: load once per ComfyUI process
+_MODELS: dict[tuple, object] = {}  # (source, device) -> ManagedPipeline: load once per ComfyUI process
 
 
 def _model_choices() -> list[str]:
@@ -48,17 +48,16 @@ def _model_choices() -> list[str]:
     return out
 
 
-def _device():
+def load_model(name: str):
+    """The pipeline for a model choice (an artifact id, or a folder name under models/editsteer/), loaded once per
+    ComfyUI process on ComfyUI's offload device (bf16 when ComfyUI's device is a GPU) and managed by ComfyUI like
+    its own models (:class:`~comfy_nodes.managed.ManagedPipeline`); the nodes load it with :func:`_ready`."""
     import comfy.model_management as mm
 
-    return mm.get_torch_device()
-
-
-def load_model(name: str, device=None):
-    """The pipeline for a model choice (an artifact id, or a folder name under models/editsteer/)."""
     from diffusers_ext.anchoredit import AnchorEditPipeline
 
-    device = device or _device()
+    from .managed import ManagedPipeline
+
     source = name
     try:
         import folder_paths
@@ -69,13 +68,24 @@ def load_model(name: str, device=None):
                 break
     except Exception:  # pragma: no cover
         pass
+    device, offload = mm.get_torch_device(), mm.unet_offload_device()
     key = (source, str(device))
     if key not in _MODELS:
         pipe = AnchorEditPipeline.from_toy(source, device="cpu")
-        if torch.device(device).type == "cuda":
-            pipe.to(device, torch.bfloat16)
-        _MODELS[key] = pipe
-    return _MODELS[key]
+        pipe.to(offload)
+        if device.type == "cuda":
+            pipe.to(torch.bfloat16)
+        _MODELS[key] = ManagedPipeline(pipe, device, offload)
+    return _MODELS[key].pipe
+
+
+def _ready(pipe):
+    """``pipe`` with its weights on ComfyUI's device (ComfyUI may have offloaded them since the last node ran).
+    Sessions keep their caches on that device, so every node that runs the model or makes a session calls this."""
+    for managed in _MODELS.values():
+        if managed.pipe is pipe:
+            managed.load()
+    return pipe
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -168,7 +178,8 @@ class EditSteerAnchorEditStart(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, image, seed, sampler, flow_steps) -> io.NodeOutput:
-        session = model.start_session(_to_uint8(image), seed=int(seed), sampler=_sampler(model, sampler, flow_steps))
+        sampler = _sampler(model, sampler, flow_steps)
+        session = _ready(model).start_session(_to_uint8(image), seed=int(seed), sampler=sampler)
         return io.NodeOutput(session, _to_image(session.source))
 
 
@@ -194,6 +205,7 @@ class EditSteerAnchorEditTurn(io.ComfyNode):
     @classmethod
     def execute(cls, session, instruction, seed, preview) -> io.NodeOutput:
         new = session.fork()
+        _ready(new.pipe)
         cb = _progress_callback(new.pipe, cls.hidden.unique_id if cls.hidden else None, bool(preview))
         img = new.edit(instruction, seed=None if int(seed) < 0 else int(seed), output_type="np", callback=cb)
         return io.NodeOutput(new, _to_image(img), new.turns)
@@ -212,6 +224,7 @@ class EditSteerAnchorEditUndo(io.ComfyNode):
     @classmethod
     def execute(cls, session, turns) -> io.NodeOutput:
         new = session.fork()
+        _ready(new.pipe)
         img = new.undo(int(turns), output_type="np")
         return io.NodeOutput(new, _to_image(img))
 
@@ -294,7 +307,7 @@ class EditSteerAnchorEditLoadSession(io.ComfyNode):
     def execute(cls, model, path) -> io.NodeOutput:
         from diffusers_ext.anchoredit import AnchorEditSession
 
-        session = AnchorEditSession.load(model, cls._resolve(path))
+        session = AnchorEditSession.load(_ready(model), cls._resolve(path))
         return io.NodeOutput(session, _to_image(session.image))
 
 

@@ -118,6 +118,25 @@ def test_turn_node_forks_reports_progress_and_honours_interrupt(comfy, nodes, ti
     assert images.shape[0] == 2 and text.startswith("1: add a red circle")
 
 
+def test_model_is_under_comfyui_model_management(comfy, nodes, tiny_model):  # noqa: F811
+    """The AnchorEdit model is one of ComfyUI's managed models: starting a session loads it, "free model memory"
+    (``unload_all_models``) unloads it, and the next turn loads it back and edits as if nothing had happened."""
+    import comfy.model_management as mm
+
+    managed = next(m for m in nodes._MODELS.values() if m.pipe is tiny_model)
+    mm.unload_all_models()
+    assert managed.patcher not in mm.loaded_models() and managed.patcher.loaded_size() == 0
+    session, _ = nodes.EditSteerAnchorEditStart.execute(tiny_model, _image(), 5, "model default", 24).args
+    assert managed.patcher in mm.loaded_models()
+    assert managed.patcher.loaded_size() == managed.patcher.model_size() > 0
+    ref = session.fork().edit("add a red circle at the center", output_type="np")
+    mm.unload_all_models()
+    assert managed.patcher not in mm.loaded_models()
+    new, image, _ = nodes.EditSteerAnchorEditTurn.execute(session, "add a red circle at the center", -1, False).args
+    assert managed.patcher in mm.loaded_models()
+    assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), ref)
+
+
 def test_bad_inputs_are_clear_errors(comfy, nodes, tiny_model):  # noqa: F811
     from diffusers_ext.errors import EditSteerConfigError
 
