@@ -32,8 +32,8 @@ VARIANTS = ("paper", "fast")
 def working_memory(pipe) -> int:
     """An upper estimate, in bytes, of what an MLN edit needs on the device beyond the weights: its largest pass
     (two prompt rows of the last scale's tokens) through one block (about 16 activations of the model width), the
-    fp32 logits with their softmax and nudge copies, and one block's explicit cross-attention probabilities (the
-    mask pass records them)."""
+    fp32 logits with their softmax and nudge copies, and one block's explicit cross-attention probabilities over the
+    77 CLIP tokens (the mask pass records them). About 0.3 GB at 512 px and 1.1 GB at 1024 in bf16."""
     cfg = pipe.transformer.config
     tokens = 2 * pipe.patch_nums[-1] ** 2
     width = cfg.embed_dim * pipe.transformer.dtype.itemsize
