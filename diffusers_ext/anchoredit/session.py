@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import EditSteerConfigError, EditSteerError, ModelFamilyError
+from ..errors import EditSteerConfigError, ModelFamilyError
 from .apply import anchoredit_forward
 from .cache import AnchorKVCache
 from .config import AnchorEditConfig, SamplerConfig

@@ -22,7 +22,7 @@ import numpy as np
 from .._version import __version__
 from ..toy import metrics as M
 from ..toy import world as W
-from .base import BenchMethod, MethodResult
+from .base import BenchMethod
 
 
 def command_line() -> str:

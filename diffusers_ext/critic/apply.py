@@ -117,7 +117,7 @@ class InstalledCritic:
 
     # -- install / remove ---------------------------------------------------------------------------------------
     def _install(self) -> None:
-        fam, rt, critic, cfg = self.family, self.runtime, self.critic, self.critic.config
+        fam, rt, cfg = self.family, self.runtime, self.critic.config
         proc_cls = _PROCESSORS[fam.ARCH]
         blocks = fam.blocks(self.transformer)
         for i, block in enumerate(blocks):
