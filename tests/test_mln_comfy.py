@@ -155,8 +155,8 @@ def test_variant_input_runs_the_fast_variant(comfy):
     assert torch.equal(runs[None].output("3", 0), runs["paper"].output("3", 0))
     assert not torch.equal(runs["fast"].output("3", 0), runs["paper"].output("3", 0))
     switti = load_switti("toy-switti (bundled, 32 px)")
-    direct = switti.load()(image[0].permute(2, 0, 1), source, target, config=MLNConfig.preset("toy").fast(), seed=13,
-                  output_type="pt")
+    direct = switti.load()(image[0].permute(2, 0, 1), source, target, config=MLNConfig.preset("toy").fast(),
+                           seed=13, output_type="pt")
     assert torch.allclose(runs["fast"].output("3", 0)[0], direct.images[0].permute(1, 2, 0).float(), atol=1e-6)
     assert torch.equal(runs["fast"].output("3", 1)[0], direct.masks[0].float())
     with pytest.raises(EditSteerConfigError, match="variant must be one of"):
@@ -180,9 +180,9 @@ def test_switti_is_under_comfyui_model_management(comfy):
     source, target = case_captions(case, "focus")
     switti = load_switti("toy-switti (bundled, 32 px)")
     patcher, pipe = switti.patcher, switti.pipe
-    weights = sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.text_encoder_2)
-                  for t in m.state_dict().values())
-    assert patcher.model_size() >= weights > 0
+    parts = (pipe.transformer, pipe.vqvae, pipe.text_encoder, pipe.text_encoder_2)
+    weights = sum(t.numel() * t.element_size() for m in parts for t in m.state_dict().values())
+    assert patcher.model_size() == weights > 0
     assert patcher not in mm.loaded_models() and patcher.loaded_size() == 0
 
     first = run_mln(switti, image, source, target, 5)
