@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     params = sum(x.numel() for x in model.parameters())
     window_cfg = AnchorEditConfig(sink=a.sink, window=a.window, max_turns=a.turns)
-    configs = {f"sink{a.sink}+window{a.window}": window_cfg, "full cache": AnchorEditConfig(window=None, max_turns=a.turns)}
+    configs = {f"sink{a.sink}+window{a.window}": window_cfg,
+               "full cache": AnchorEditConfig(window=None, max_turns=a.turns)}
     results = {}
     for name, cfg in configs.items():
         rows, cache = run_session(model, cfg, a.turns, a.size, a.text_len, dtype, device)
