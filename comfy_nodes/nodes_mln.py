@@ -56,13 +56,13 @@ def load_switti(model: str, dtype: str = "auto", allow_download: bool = False):
         raise EditSteerConfigError(f"unknown Switti model {model!r}; choose one of {list(MODELS)}")
     artifact, repo = MODELS[model]
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    torch_dtype = DTYPES[dtype]
-    if torch_dtype is None:
-        torch_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    weight_dtype = DTYPES[dtype]
+    if weight_dtype is None:
+        weight_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if repo is None:  # a whole pipeline folder (the toy): fp32
         pipe = MLNPipeline.from_pretrained(resolve(artifact, allow_download=allow_download).path)
     else:
-        pipe = MLNPipeline.from_switti_checkpoints(artifact, "vqvae-switti", torch_dtype=torch_dtype,
+        pipe = MLNPipeline.from_switti_checkpoints(artifact, "vqvae-switti", dtype=weight_dtype,
                                                    allow_download=allow_download)
     pipe.to(offload)
     pipe.set_progress_bar_config(disable=True)  # ComfyUI's own progress bar is used

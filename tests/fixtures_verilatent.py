@@ -15,7 +15,7 @@ from PIL import Image
 def kontext(tiny_kontext_dir):
     from diffusers import FluxKontextPipeline
 
-    pipe = FluxKontextPipeline.from_pretrained(tiny_kontext_dir, torch_dtype=torch.float32)
+    pipe = FluxKontextPipeline.from_pretrained(tiny_kontext_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -41,7 +41,7 @@ def qwen(tiny_qwen_dir):
     mp = pytest.MonkeyPatch()
     mp.setattr(qmod, "calculate_dimensions", lambda area, ratio: (32, 32, None))
     pipe = QwenImageEditPipeline.from_pretrained(tiny_qwen_dir, text_encoder=None, tokenizer=None, processor=None,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     yield pipe
     mp.undo()

@@ -177,7 +177,7 @@ def test_runs_in_bfloat16():
 
 def test_crop_condition_keeps_float32_phases_in_bfloat16(tmp_path):
     """The crop condition's Fourier phases reach ~1e4 rad (``512 * w * 2 pi``); rounded to bf16 they are noise. Cast
-    with ``.to(bfloat16)`` or loaded with ``torch_dtype=bfloat16``, the frequencies stay float32 and the bf16 model's
+    with ``.to(bfloat16)`` or loaded with ``dtype=bfloat16``, the frequencies stay float32 and the bf16 model's
     crop condition matches the fp32 model's (bf16 rounding of the projection only)."""
     from diffusers.models.embeddings import GaussianFourierProjection
 
@@ -191,12 +191,13 @@ def test_crop_condition_keeps_float32_phases_in_bfloat16(tmp_path):
     ref = fp32.prepare_conditioning(*prompts).crop
     fp32.save_pretrained(tmp_path)
 
+    @torch.no_grad()
     def cosine(m):
         crop = m.prepare_conditioning(*prompts).crop.float()
         return float(torch.nn.functional.cosine_similarity(ref.flatten(), crop.flatten(), dim=0))
 
     cast = tiny_transformer(cfg).to(torch.bfloat16)
-    loaded = SwittiTransformer.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    loaded = SwittiTransformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
     for m in (cast, loaded):
         assert m.dtype == torch.bfloat16 and m.crop_embed.weight.dtype == torch.float32
         assert cosine(m) > 0.999

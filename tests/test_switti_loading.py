@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from diffusers_ext.errors import ModelFamilyError, WeightsError
+from diffusers_ext.errors import EditSteerConfigError, ModelFamilyError, WeightsError
 from diffusers_ext.switti import SwittiPipeline, SwittiTransformer, SwittiVQVAE, load_transformer, load_vqvae
 from diffusers_ext.switti.loading import save_official_transformer, save_official_vqvae
 from diffusers_ext.tiny import write_hf_cache_repo
@@ -62,6 +62,18 @@ def test_diffusers_layout_round_trip(tmp_path):
     b = again("a red circle", seed=3, output_type="pt").images
     assert torch.equal(a, b)
     assert isinstance(load_transformer(tmp_path / "p" / "transformer"), SwittiTransformer)
+
+
+def test_dtype_and_its_deprecated_alias(official_layout):
+    """``dtype=`` as diffusers >= 0.42 spells it (no diffusers deprecation warning, which pyproject turns into an
+    error); ``torch_dtype=`` still works with a FutureWarning; both at once is refused."""
+    t_dir, v_dir, _, _ = official_layout
+    assert load_transformer(t_dir, dtype=torch.bfloat16).word_embed.weight.dtype == torch.bfloat16
+    with pytest.warns(FutureWarning, match="use dtype="):
+        v = load_vqvae(v_dir, reso=256, torch_dtype=torch.bfloat16)
+    assert v.codebook.dtype == torch.bfloat16
+    with pytest.raises(EditSteerConfigError, match="dtype= only"):
+        load_transformer(t_dir, dtype=torch.float32, torch_dtype=torch.bfloat16)
 
 
 def test_not_switti_checkpoints_are_refused(tmp_path, official_layout, tiny_wan_dir):

@@ -29,7 +29,7 @@ def test_bundled_folder_is_a_plain_kontext_pipeline_offline():
     assert found.source == "bundled" and found.path == assets_dir() / TOY_EDITOR_ID
     size = sum(f.size for f in art.files)
     assert size <= 8 * 2**20
-    pipe = FluxKontextPipeline.from_pretrained(found.path, torch_dtype=torch.float32)
+    pipe = FluxKontextPipeline.from_pretrained(found.path, dtype=torch.float32)
     assert isinstance(pipe.transformer, FluxTransformer2DModel) and isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, T5EncoderModel)
     assert isinstance(pipe.tokenizer, CLIPTokenizer) and isinstance(pipe.tokenizer_2, T5Tokenizer)

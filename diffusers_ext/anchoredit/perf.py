@@ -37,7 +37,7 @@ def build(layers: int, dtype, device, seed: int = 0):
         m = WanTransformer3DModel(num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                   **WAN14B)
     m = m.to(dtype)
-    for name, sub in m.named_modules():  # as from_pretrained(torch_dtype=...) does: these stay in float32
+    for name, sub in m.named_modules():  # as from_pretrained(dtype=...) does: these stay in float32
         if any(k in name.split(".") for k in m._keep_in_fp32_modules):
             sub.float()
     return m.eval().requires_grad_(False)

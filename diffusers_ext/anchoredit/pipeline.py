@@ -18,7 +18,7 @@ Example::
     img = session.edit(seq.instructions[0])
 
 A full-size model loads the same way from a Wan2.1-T2V Diffusers folder plus AnchorEdit weights
-(``AnchorEditPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)``).
+(``AnchorEditPipeline.from_pretrained(folder, dtype=torch.bfloat16)``).
 """
 
 from __future__ import annotations

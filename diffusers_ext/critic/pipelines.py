@@ -13,7 +13,7 @@ Two ways to use them::
     # 1. import the subclass
     from diffusers_ext.critic import InlineCriticKontextPipeline
     pipe = InlineCriticKontextPipeline.from_pretrained("black-forest-labs/FLUX.1-Kontext-dev",
-                                                       critic="org/my-kontext-critic", torch_dtype=torch.bfloat16)
+                                                       critic="org/my-kontext-critic", dtype=torch.bfloat16)
     # 2. diffusers' custom_pipeline, pointing at the pack's shim file (needs `import diffusers_ext` to work)
     from diffusers import DiffusionPipeline
     from diffusers_ext.critic import shim_path
@@ -232,7 +232,7 @@ class InlineCriticQwenEditPipeline(_CriticPipelineMixin, QwenImageEditPipeline):
     Example::
 
         pipe = InlineCriticQwenEditPipeline.from_pretrained("Qwen/Qwen-Image-Edit", critic="org/my-qwen-critic",
-                                                            torch_dtype=torch.bfloat16).to("cuda")
+                                                            dtype=torch.bfloat16).to("cuda")
         out = pipe(image=image, prompt="make the sky pink", negative_prompt=" ", true_cfg_scale=4.0)
     """
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,6 +52,18 @@ _SWITTI_MARKERS = ("word_embed.weight", "text_pooler.weight", "lvl_embed.weight"
                    "head.weight")
 _VQVAE_MARKERS = ("quantize.embedding.weight", "quant_conv.weight", "post_quant_conv.weight", "encoder.conv_in.weight",
                   "decoder.conv_out.weight")
+
+
+def resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype``, or the deprecated ``torch_dtype`` alias with a ``FutureWarning`` (diffusers >= 0.42 and
+    transformers >= 4.56 renamed the argument the same way; diffusers 1.0 drops the old name)."""
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None:
+        raise EditSteerConfigError("pass dtype= only; torch_dtype= is its deprecated alias")
+    warnings.warn("torch_dtype= is deprecated, use dtype= (as diffusers and transformers now do)", FutureWarning,
+                  stacklevel=3)
+    return torch_dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,9 +166,10 @@ def is_official_config(cfg: dict) -> bool:
     return "_class_name" not in cfg and "depth" in cfg and "embed_dim" not in cfg
 
 
-def load_transformer(source: str | os.PathLike = "yresearch/Switti", *, torch_dtype: torch.dtype | None = None,
-                     allow_download: bool | None = None) -> SwittiTransformer:
+def load_transformer(source: str | os.PathLike = "yresearch/Switti", *, dtype: torch.dtype | None = None,
+                     allow_download: bool | None = None, torch_dtype: torch.dtype | None = None) -> SwittiTransformer:
     """A :class:`SwittiTransformer` from an official-layout or diffusers-layout checkpoint (see module docstring)."""
+    dtype = resolve_dtype(dtype, torch_dtype)
     folder = locate(source, allow_download=allow_download)
     cfg = _read_config(folder)
     if not is_official_config(cfg):
@@ -163,7 +177,7 @@ def load_transformer(source: str | os.PathLike = "yresearch/Switti", *, torch_dt
         if name != SwittiTransformer.__name__:
             raise ModelFamilyError(f"{folder} holds a {name or 'unknown'} model, not a Switti transformer "
                                    "(expected SwittiHF's config.json or a SwittiTransformer folder)")
-        model = SwittiTransformer.from_pretrained(folder, torch_dtype=torch_dtype)
+        model = SwittiTransformer.from_pretrained(folder, dtype=dtype)
         return model.eval()
     weights = folder / OFFICIAL_WEIGHTS_NAME
     if not weights.is_file():
@@ -173,8 +187,8 @@ def load_transformer(source: str | os.PathLike = "yresearch/Switti", *, torch_dt
     _check_family(state, _SWITTI_MARKERS, "Switti transformer", weights)
     model = SwittiTransformer(**transformer_config_from_official(cfg))
     _load_strict(model, state, weights, ignore=("attn_bias_for_masking",))
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    if dtype is not None:
+        model = model.to(dtype)
     return model.eval()
 
 
@@ -217,14 +231,16 @@ def vqvae_config_from_official(cfg: dict, reso: int | None = None) -> dict:
 
 
 def load_vqvae(source: str | os.PathLike = "yresearch/VQVAE-Switti", *, reso: int | None = None,
-               torch_dtype: torch.dtype | None = None, allow_download: bool | None = None) -> SwittiVQVAE:
+               dtype: torch.dtype | None = None, allow_download: bool | None = None,
+               torch_dtype: torch.dtype | None = None) -> SwittiVQVAE:
     """A :class:`SwittiVQVAE`; ``reso`` picks the schedule of an official checkpoint (as ``VQVAEHF(reso=...)``)."""
+    dtype = resolve_dtype(dtype, torch_dtype)
     folder = locate(source, allow_download=allow_download)
     cfg = _read_config(folder)
     if "_class_name" in cfg:
         if cfg["_class_name"] != SwittiVQVAE.__name__:
             raise ModelFamilyError(f"{folder} holds a {cfg['_class_name']} model, not Switti's VQ-VAE")
-        return SwittiVQVAE.from_pretrained(folder, torch_dtype=torch_dtype).eval()
+        return SwittiVQVAE.from_pretrained(folder, dtype=dtype).eval()
     weights = folder / OFFICIAL_WEIGHTS_NAME
     if not weights.is_file():
         raise WeightsError(f"{OFFICIAL_WEIGHTS_NAME} is missing", artifact_id=str(source), filename=str(weights))
@@ -235,8 +251,8 @@ def load_vqvae(source: str | os.PathLike = "yresearch/VQVAE-Switti", *, reso: in
     if key in state:
         state[key] = model.quantize.ema_vocab_hit_SV.clone()
     _load_strict(model, state, weights)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    if dtype is not None:
+        model = model.to(dtype)
     return model.eval()
 
 
@@ -262,8 +278,10 @@ def save_official_vqvae(model: SwittiVQVAE, folder: str | os.PathLike) -> Path:
 
 def load_text_encoders(text_encoder: str | os.PathLike = TEXT_ENCODER_REPO,
                        text_encoder_2: str | os.PathLike = TEXT_ENCODER_2_REPO, *,
-                       torch_dtype: torch.dtype | None = None, allow_download: bool | None = None):
+                       dtype: torch.dtype | None = None, allow_download: bool | None = None,
+                       torch_dtype: torch.dtype | None = None):
     """``(tokenizer, CLIPTextModel, tokenizer_2, CLIPTextModel)`` from folders or Hub repos (safetensors only)."""
+    dtype = resolve_dtype(dtype, torch_dtype)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     allow = downloads_allowed(allow_download)
@@ -272,7 +290,7 @@ def load_text_encoders(text_encoder: str | os.PathLike = TEXT_ENCODER_REPO,
         try:
             tok = CLIPTokenizer.from_pretrained(src, local_files_only=not allow)
             model = CLIPTextModel.from_pretrained(src, local_files_only=not allow, use_safetensors=True,
-                                                  dtype=torch_dtype)
+                                                  dtype=dtype)
         except OSError as e:
             raise WeightsError(f"CLIP text encoder not found{'' if allow else ' locally (downloads not allowed)'}: "
                                f"{str(e).splitlines()[0]}", artifact_id=str(src), repo_id=str(src),

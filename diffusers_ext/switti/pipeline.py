@@ -79,20 +79,23 @@ class SwittiPipeline(DiffusionPipeline):
     def from_switti_checkpoints(cls, transformer: str = "yresearch/Switti", vqvae: str = "yresearch/VQVAE-Switti",
                                 text_encoder: str = "openai/clip-vit-large-patch14",
                                 text_encoder_2: str = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", *,
-                                torch_dtype: torch.dtype | None = None, allow_download: bool | None = None):
+                                dtype: torch.dtype | None = None, allow_download: bool | None = None,
+                                torch_dtype: torch.dtype | None = None):
         """Assemble the pipeline from the official repos (or local folders in their layout), local first.
+        ``torch_dtype`` is the deprecated alias of ``dtype``, as in diffusers.
 
         Example::
 
-            pipe = SwittiPipeline.from_switti_checkpoints("yresearch/Switti-1024", torch_dtype=torch.bfloat16)
+            pipe = SwittiPipeline.from_switti_checkpoints("yresearch/Switti-1024", dtype=torch.bfloat16)
         """
-        from .loading import load_text_encoders, load_transformer, load_vqvae
+        from .loading import load_text_encoders, load_transformer, load_vqvae, resolve_dtype
         from .schedules import RESOLUTION_PATCH_NUMS
 
-        t = load_transformer(transformer, torch_dtype=torch_dtype, allow_download=allow_download)
+        dtype = resolve_dtype(dtype, torch_dtype)
+        t = load_transformer(transformer, dtype=dtype, allow_download=allow_download)
         reso = next((r for r, p in RESOLUTION_PATCH_NUMS.items() if tuple(p) == t.patch_nums), None)
-        v = load_vqvae(vqvae, reso=reso, torch_dtype=torch_dtype, allow_download=allow_download)
-        tok, te, tok2, te2 = load_text_encoders(text_encoder, text_encoder_2, torch_dtype=torch_dtype,
+        v = load_vqvae(vqvae, reso=reso, dtype=dtype, allow_download=allow_download)
+        tok, te, tok2, te2 = load_text_encoders(text_encoder, text_encoder_2, dtype=dtype,
                                                 allow_download=allow_download)
         return cls(transformer=t, vqvae=v, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2)
 

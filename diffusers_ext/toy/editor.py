@@ -75,7 +75,7 @@ def load_toy_editor(model: str | Path | None = None, *, device: str = "cpu", dty
         found = resolve(str(model))
         folder, where = found.path, f"{found.source}: {found.path}"
     cls = pipeline_cls or FluxKontextPipeline
-    pipe = cls.from_pretrained(folder, torch_dtype=dtype or torch.float32, use_safetensors=True)
+    pipe = cls.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe._editsteer_toy_settings = read_settings(folder)
     return pipe.to(device), where
