@@ -7,6 +7,12 @@ from PIL import Image
 from diffusers_ext.cli import main
 
 
+def _decoded_size(path):
+    with Image.open(path) as im:
+        im.load()  # the whole file decodes
+        return im.size
+
+
 def test_identity_bench_report(tmp_path):
     out = tmp_path / "b"
     assert main(["bench", "identity", "--cases", "6", "--seed", "2", "--out", str(out), "--quiet"]) == 0
@@ -19,10 +25,10 @@ def test_identity_bench_report(tmp_path):
     assert len(res["per_case"]) == 6 and res["seed"] == 2
     cid = res["per_case"][0]["id"]
     for name in ("source", "target", "mask", "output"):
-        assert Image.open(out / "cases" / cid / f"{name}.png").size == (32, 32)
+        assert _decoded_size(out / "cases" / cid / f"{name}.png") == (32, 32)
     case = json.loads((out / "cases" / cid / "case.json").read_text())
     assert case["instruction"]
-    assert Image.open(out / "grid.png").size[1] > 6 * 32
+    assert _decoded_size(out / "grid.png")[1] > 6 * 32
 
 
 def test_multiturn_bench_report(tmp_path):

@@ -130,7 +130,9 @@ def test_main_job_writes_its_pictures(tmp_path):
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
-    assert Image.open(tmp_path / "o2" / "output.png").size == (W.IMAGE_SIZE, W.IMAGE_SIZE)
+    with Image.open(tmp_path / "o2" / "output.png") as im:
+        im.load()  # the whole file decodes
+        assert im.size == (W.IMAGE_SIZE, W.IMAGE_SIZE)
     r = _cli("weights", "verify", "toy-kontext-editor", cwd=tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
