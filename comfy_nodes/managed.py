@@ -20,13 +20,25 @@ import torch
 class PipelineModules(torch.nn.Module):
     """The torch modules of a diffusers pipeline, registered under their component names. ``ModelPatcher`` writes
     ``device`` and bookkeeping attributes on the module it manages, which a diffusers ``ModelMixin`` (a read-only
-    ``device``) would refuse, so the patcher gets this plain container; the pipeline keeps using the same modules."""
+    ``device``) would refuse, so the patcher gets this plain container; the pipeline keeps using the same modules.
+
+    Use :meth:`of`: it names the container's class after the pipeline's, which is the name ComfyUI's log shows
+    ("Requested to load MLNPipeline")."""
+
+    _named: dict[str, type] = {}
 
     def __init__(self, pipe):
         super().__init__()
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
                 self.add_module(name, component)
+
+    @classmethod
+    def of(cls, pipe) -> "PipelineModules":
+        name = type(pipe).__name__
+        if name not in cls._named:
+            cls._named[name] = type(name, (cls,), {"__module__": __name__, "__doc__": cls.__doc__})
+        return cls._named[name](pipe)
 
 
 class ManagedPipeline:
@@ -41,7 +53,7 @@ class ManagedPipeline:
 
         self.pipe = pipe
         self.working_memory = int(working_memory)
-        self.patcher = comfy.model_patcher.ModelPatcher(PipelineModules(pipe), load_device=load_device,
+        self.patcher = comfy.model_patcher.ModelPatcher(PipelineModules.of(pipe), load_device=load_device,
                                                         offload_device=offload_device)
 
     def load(self):

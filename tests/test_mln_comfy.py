@@ -184,6 +184,7 @@ def test_switti_is_under_comfyui_model_management(comfy):
     weights = sum(t.numel() * t.element_size() for m in parts for t in m.state_dict().values())
     assert patcher.model_size() == weights > 0
     assert patcher not in mm.loaded_models() and patcher.loaded_size() == 0
+    assert type(patcher.model).__name__ == "MLNPipeline"  # the name in ComfyUI's "Requested to load ..." line
 
     first = run_mln(switti, image, source, target, 5)
     assert patcher in mm.loaded_models() and patcher.loaded_size() == patcher.model_size()
