@@ -188,13 +188,15 @@ class EditSteerMLNEdit(io.ComfyNode):
                 io.Boolean.Input("global_edit", default=False,
                                  tooltip="Edit everywhere (style changes): mask everywhere, no refinement."),
                 io.Boolean.Input("refine", default=True,
-                                 tooltip="Quantisation refinement: restores the source's fine detail outside the mask."),
+                                 tooltip="Quantisation refinement: restores the source's fine detail outside the "
+                                         "mask."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional edit region (white = edit); replaces or narrows the automatic mask."),
                 io.Combo.Input("mask_mode", options=["replace", "intersect"], default="replace",
                                tooltip="replace: use the given mask; intersect: automatic mask AND the given mask."),
                 io.Boolean.Input("preview", default=True,
-                                 tooltip="Show the partial image after every edited scale (a small VQ-VAE decode each)."),
+                                 tooltip="Show the partial image after every edited scale (a small VQ-VAE decode "
+                                         "each)."),
                 io.Combo.Input("anchor", options=["preset", "tokens", "residual"], default="preset", optional=True,
                                tooltip="What the nudge pulls toward. tokens: the source's fixed tokens (official; "
                                        "presets 512 / 1024). residual: the source re-tokenised over what was "

@@ -50,7 +50,8 @@ def tiny_vqvae(cfg: TinySwittiConfig = TinySwittiConfig(), seed: int = 0) -> Swi
     torch.manual_seed(seed)
     return SwittiVQVAE(vocab_size=cfg.vocab_size, z_channels=cfg.z_channels, ch=cfg.vae_ch,
                        ch_mult=cfg.vae_ch_mult, num_res_blocks=cfg.vae_res_blocks, using_sa=cfg.vae_attn,
-                       using_mid_sa=cfg.vae_attn, norm_num_groups=cfg.vae_norm_groups, v_patch_nums=cfg.patch_nums).eval()
+                       using_mid_sa=cfg.vae_attn, norm_num_groups=cfg.vae_norm_groups,
+                       v_patch_nums=cfg.patch_nums).eval()
 
 
 def tiny_transformer(cfg: TinySwittiConfig = TinySwittiConfig(), seed: int = 0) -> SwittiTransformer:
