@@ -281,9 +281,9 @@ def load_text_encoders(text_encoder: str | os.PathLike = TEXT_ENCODER_REPO,
                        dtype: torch.dtype | None = None, allow_download: bool | None = None,
                        torch_dtype: torch.dtype | None = None):
     """``(tokenizer, CLIPTextModel, tokenizer_2, CLIPTextModel)`` from folders or Hub repos (safetensors only)."""
-    dtype = resolve_dtype(dtype, torch_dtype)
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dtype = resolve_dtype(dtype, torch_dtype)
     allow = downloads_allowed(allow_download)
     out = []
     for src in (text_encoder, text_encoder_2):
