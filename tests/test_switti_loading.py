@@ -65,8 +65,8 @@ def test_diffusers_layout_round_trip(tmp_path):
 
 
 def test_dtype_and_its_deprecated_alias(official_layout):
-    """``dtype=`` as diffusers >= 0.42 spells it (no diffusers deprecation warning, which pyproject turns into an
-    error); ``torch_dtype=`` still works with a FutureWarning; both at once is refused."""
+    """``dtype=`` as diffusers >= 0.42 spells it; ``torch_dtype=`` still works with a FutureWarning; both at once is
+    refused."""
     t_dir, v_dir, _, _ = official_layout
     assert load_transformer(t_dir, dtype=torch.bfloat16).word_embed.weight.dtype == torch.bfloat16
     with pytest.warns(FutureWarning, match="use dtype="):
