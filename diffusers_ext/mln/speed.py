@@ -1,7 +1,9 @@
 """Speed of an MLN edit against a plain generation of the same model and resolution (writes JSON).
 
 ``python -m diffusers_ext.mln.speed --out runs/mln-speed [--full-size] [--repeats 3] [--threads 1]``
-``python -m diffusers_ext.mln.speed --out runs/mln-speed-gpu --full-size-only --device cuda --dtype bf16 --repeats 3``
+``python -m diffusers_ext.mln.speed --out runs/mln-speed-gpu --full-size-only --full-size-reso 512 1024
+--full-size-variants paper fast --device cuda --dtype bf16 --full-size-repeats 3`` (full-size runs take their
+repeats from ``--full-size-repeats``; ``--repeats`` is the toy's)
 
 * ``toy``: the bundled toy Switti (32 px, 6 scales), median over toy cases: MLN edit (source -> target caption)
   vs a plain generation of the target caption with the same sampling settings (CFG with a negative prompt on every
@@ -233,14 +235,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/mln-speed")
     p.add_argument("--model", default=None, help="toy model id or folder (default: the bundled toy-switti)")
     p.add_argument("--toy-cases", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per toy case (full size: --full-size-repeats)")
     p.add_argument("--full-size", action="store_true", help="also the 2.47 B-parameter Switti (random weights)")
     p.add_argument("--full-size-reso", type=int, nargs="+", choices=(512, 1024), default=[512],
                    help="full-size resolutions to time (default 512)")
     p.add_argument("--full-size-variants", nargs="+", choices=("paper", "fast"), default=None,
                    help="MLN configurations timed at full size (default: paper fast at 512, paper at 1024)")
     p.add_argument("--full-size-only", action="store_true")
-    p.add_argument("--full-size-repeats", type=int, default=1)
+    p.add_argument("--full-size-repeats", type=int, default=1, help="timed runs at full size (default 1)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model dtype (default fp32)")
