@@ -171,7 +171,8 @@ class EditSteerMLNEdit(io.ComfyNode):
             display_name="MLN Edit (Switti)",
             category="EditSteer/MLN",
             description="Prompt-to-prompt editing with Masked Logit Nudging: describe the image (source prompt) and "
-                        "the result (target prompt); everything outside the automatic edit mask stays. Presets 512 / "
+                        "the result (target prompt); everything outside the automatic edit mask is anchored to the "
+                        "source. Presets 512 / "
                         "1024 are the official code v2's; 'toy' is EditSteer's for the toy model.",
             inputs=[
                 SwittiModel.Input("switti", tooltip="A model from 'Switti Loader (MLN)'."),

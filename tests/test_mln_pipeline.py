@@ -94,6 +94,40 @@ def test_float_images_in_either_range_and_bad_ranges(caplog):
         image_to_tensor(x.permute(1, 2, 0).numpy() * 255)
     assert torch.equal(image_to_tensor((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)),
                        image_to_tensor(x.mul(255).round().div(255)))
+    # a uint8 tensor (torchvision.io.read_image) is 0..255, as a uint8 array is
+    assert torch.equal(image_to_tensor(x.mul(255).round().to(torch.uint8)), image_to_tensor(x.mul(255).round().div(255)))
+
+
+def test_diffusers_style_generator_and_unknown_arguments(pipe):
+    """``generator=`` works as in diffusers (it stands for its seed, since the sampler reseeds at every scale);
+    an argument that is neither the pipeline's nor an MLNConfig field is refused by name, with where it went."""
+    img, cfg = random_image(seed=3), tiny_mln_config()
+    by_seed = pipe(img, PS, PT, config=cfg, seed=7, output_type="np").images
+    by_gen = pipe(img, PS, PT, config=cfg, generator=torch.Generator().manual_seed(7), output_type="np").images
+    other = pipe(img, PS, PT, config=cfg, generator=[torch.Generator().manual_seed(8)], output_type="np").images
+    assert np.array_equal(by_seed, by_gen) and not np.array_equal(by_seed, other)
+    with pytest.raises(EditSteerConfigError, match="seed or generator, not both"):
+        pipe(img, PS, PT, config=cfg, seed=7, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(EditSteerConfigError, match=r"'guidance_scale'.* beta, .*'guidance_scale': .*'cfg'"):
+        pipe(img, PS, PT, config=cfg, guidance_scale=4.0)
+    assert pipe(img, PS, PT, config=cfg, cfg=4.0, output_type="np").info["preset"] == "tiny+cfg"
+
+
+def test_a_mask_that_cannot_act_is_returned_as_given_with_a_warning(pipe):
+    """With equal nudges inside and outside and no refinement the mask changes nothing (so none is computed); a
+    user's mask is still returned as the mask used, and the result says it had no effect. A global edit says it
+    ignored the mask. A (H, W, 1) mask is one channel."""
+    img = random_image(seed=4)
+    user = np.zeros((16, 16, 1), np.float32)
+    user[4:12, 4:12] = 1
+    flat = tiny_mln_config(alphas=(5.0,) * 4, beta=5.0, refine_steps=0)
+    out = pipe(img, PS, PT, mask=user, config=flat, output_type="np")
+    assert np.array_equal(out.masks[0], user[..., 0]) and out.info["mask_source"].startswith("user, no effect")
+    assert any("no effect" in w for w in out.info["warnings"])
+    plain = pipe(img, PS, PT, config=flat, output_type="np")
+    assert np.array_equal(plain.images, out.images) and plain.masks.max() == 0 and not plain.info["warnings"]
+    glob = pipe(img, PS, PT, mask=user, global_edit=True, config=tiny_mln_config(), output_type="np")
+    assert glob.masks.min() == 1 and any("mask input is ignored" in w for w in glob.info["warnings"])
 
 
 def test_automatic_mask_without_prompt_tokens_is_refused(pipe):

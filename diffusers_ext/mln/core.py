@@ -117,12 +117,21 @@ def mln_edit(backbone, image: torch.Tensor, config: MLNConfig, *, seed: int = 42
     G = backbone.patch_nums[-1]
     # 2. the edit mask
     mask_matters = any(a != config.beta for a in config.alphas[config.copy_scales:]) or config.refine_steps > 0
+    warnings = info["warnings"] = []
     if config.global_edit:
         M = torch.ones(1, 1, G, G, device=f.device)
         info["mask_source"] = "global"
+        if user_mask is not None:
+            warnings.append("global_edit edits everywhere: the mask input is ignored")
     elif not mask_matters:  # equal strength inside and outside, no refinement: the mask changes nothing
-        M = torch.zeros(1, 1, G, G, device=f.device)
-        info["mask_source"] = "unused (equal nudge inside and outside, no refinement)"
+        unused = "equal nudge inside and outside, no refinement"
+        if user_mask is None:
+            M = torch.zeros(1, 1, G, G, device=f.device)
+            info["mask_source"] = f"unused ({unused})"
+        else:  # returned as given, so a caller sees the mask it drew, with a warning that it had no effect
+            M = user_mask.to(f.device).float()
+            info["mask_source"] = f"user, no effect ({unused})"
+            warnings.append(f"the mask input has no effect with this configuration ({unused})")
     elif user_mask is not None and mask_mode == "replace":
         M = user_mask.to(f.device).float()
         info["mask_source"] = "user"

@@ -121,9 +121,10 @@ def mask_at_scale(mask: torch.Tensor, side: int) -> torch.Tensor:
 def prepare_user_mask(mask, grid: int, sizes=()) -> torch.Tensor:
     """A user mask (white = edit) as a (1, 1, grid, grid) float tensor in [0, 1].
 
-    Accepted: a PIL image, a numpy array or a tensor of shape (H, W), (1, H, W), (1, 1, H, W) or (H, W, C) (channels
-    averaged), whose (H, W) is one of ``sizes`` (e.g. the input image's size, the model's resolution) or the
-    ``grid`` x ``grid`` token grid; float values in [0, 1], or 0..255 for uint8 / PIL. Area-averaged to the grid.
+    Accepted: a PIL image, a numpy array or a tensor of shape (H, W), (1, H, W), (1, 1, H, W) or (H, W, C) with C =
+    1, 3 or 4 (colour channels averaged), whose (H, W) is one of ``sizes`` (e.g. the input image's size, the model's
+    resolution) or the ``grid`` x ``grid`` token grid; float values in [0, 1], or 0..255 for uint8 / PIL.
+    Area-averaged to the grid.
     """
     if mask is None:
         return None
@@ -138,7 +139,7 @@ def prepare_user_mask(mask, grid: int, sizes=()) -> torch.Tensor:
         m = mask.detach().float().cpu() / (255.0 if mask.dtype == torch.uint8 else 1.0)
     else:
         raise EditSteerConfigError(f"mask must be a PIL image, a numpy array or a tensor, got {type(mask).__name__}")
-    if m.ndim == 3 and m.shape[-1] in (3, 4) and m.shape[0] != 1:
+    if m.ndim == 3 and m.shape[-1] in (1, 3, 4) and m.shape[0] != 1:
         m = m[..., :3].mean(-1)
     while m.ndim > 2 and m.shape[0] == 1:
         m = m[0]

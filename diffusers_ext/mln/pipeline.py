@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -47,7 +48,8 @@ class MLNPipelineOutput(BaseOutput):
 
 
 def image_to_tensor(image) -> torch.Tensor:
-    """PIL / uint8 or [0, 1] float array (H, W, 3) / [0, 1] tensor (3, H, W) or (1, 3, H, W) -> (1, 3, H, W) in
+    """PIL / uint8 or [0, 1] float array (H, W, 3) / uint8 or [0, 1] tensor (3, H, W) or (1, 3, H, W) (e.g.
+    ``torchvision.io.read_image``) -> (1, 3, H, W) in
     [-1, 1]. A float input with negative values is taken as already in [-1, 1], with a warning (as diffusers'
     ``VaeImageProcessor`` does); values above 1 are refused (a 0-255 float image would otherwise clip to white)."""
     if isinstance(image, PIL.Image.Image):
@@ -61,11 +63,11 @@ def image_to_tensor(image) -> torch.Tensor:
             raise EditSteerConfigError(f"image array must be (H, W, 3), got {image.shape}")
         t = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
-        t = image.detach().float().cpu()
+        t = image.detach().float().cpu() / (255.0 if image.dtype == torch.uint8 else 1.0)
         if t.ndim == 4 and t.shape[0] == 1:
             t = t[0]
         if t.ndim != 3 or t.shape[0] != 3:
-            raise EditSteerConfigError(f"image tensor must be (3, H, W) or (1, 3, H, W) in [0, 1], got "
+            raise EditSteerConfigError(f"image tensor must be (3, H, W) or (1, 3, H, W) in [0, 1] (or uint8), got "
                                        f"{tuple(image.shape)}")
     else:
         raise EditSteerConfigError(f"image must be a PIL image, a numpy array or a tensor, got {type(image).__name__}")
@@ -81,6 +83,34 @@ def image_to_tensor(image) -> torch.Tensor:
     return t.clamp(0, 1).mul(2).sub(1)[None]
 
 
+#: The :class:`MLNConfig` fields ``MLNPipeline.__call__`` accepts as keyword overrides.
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(MLNConfig)) - {"name", "num_scales"}
+#: Where diffusers' usual sampling arguments went.
+_HINTS = {
+    "guidance_scale": "MLN's guidance scale is the config field 'cfg' (source prompt as the negative)",
+    "num_inference_steps": "Switti samples one pass per scale; the scales are fixed by the model",
+    "negative_prompt": "MLN uses the source prompt as the negative",
+    "height": "Switti works at its fixed size; other image sizes are resized there and back",
+    "width": "Switti works at its fixed size; other image sizes are resized there and back",
+}
+
+
+def seed_of(seed: int | None, generator) -> int:
+    """The sampler seed from ``seed`` or a diffusers-style ``generator`` (one, or a list of one). MLN reseeds the
+    generator with its seed at every scale (official code), so a generator stands for its ``initial_seed()``."""
+    if generator is None:
+        return 42 if seed is None else int(seed)
+    if seed is not None:
+        raise EditSteerConfigError("pass seed or generator, not both")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != 1:
+            raise EditSteerConfigError(f"MLN edits one image per call; got {len(generator)} generators")
+        generator = generator[0]
+    if not isinstance(generator, torch.Generator):
+        raise EditSteerConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return int(generator.initial_seed())
+
+
 class MLNPipeline(SwittiPipeline):
     """Masked Logit Nudging (El-Ghoussani et al., CVPR 2026) on Switti: training-free prompt-to-prompt editing."""
 
@@ -94,6 +124,12 @@ class MLNPipeline(SwittiPipeline):
                 f"MLN preset '{config.name}' is for a {config.num_scales}-scale Switti; this model has {K} scales "
                 f"({self.resolution} px): use preset '{MLNConfig.for_num_scales(K).name}'" if K in (6, 10, 14)
                 else f"MLN preset '{config.name}' needs {config.num_scales} scales; this model has {K}")
+        unknown = sorted(set(overrides) - CONFIG_FIELDS)
+        if unknown:
+            hints = "".join(f"; {k!r}: {_HINTS[k]}" for k in unknown if k in _HINTS)
+            raise EditSteerConfigError(
+                f"MLNPipeline got unknown argument(s) {', '.join(map(repr, unknown))}. Besides its own arguments it "
+                f"takes MLNConfig fields: {', '.join(sorted(CONFIG_FIELDS))}{hints}")
         if global_edit is not None:
             overrides = {**overrides, "global_edit": bool(global_edit)}
         return config.replace(**overrides) if overrides else config
@@ -107,7 +143,8 @@ class MLNPipeline(SwittiPipeline):
         mask=None,
         preset: str | None = None,
         config: MLNConfig | None = None,
-        seed: int = 42,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
         global_edit: bool | None = None,
         mask_mode: str = "replace",
         resize: str = "resize",
@@ -130,8 +167,9 @@ class MLNPipeline(SwittiPipeline):
                 token grid. ``mask_mode="replace"`` uses it instead of the automatic mask, ``"intersect"`` multiplies.
             preset: ``"512"``, ``"1024"`` (official code v2) or ``"toy"``; default: the one matching the model.
             config: a full :class:`MLNConfig` (instead of ``preset``); ``**overrides`` replace single fields, e.g.
-                ``beta=8.0, refine_steps=0``.
-            seed: the sampler seed (reseeded at every scale).
+                ``beta=8.0, refine_steps=0`` (an unknown name is refused, with the list of fields).
+            seed: the sampler seed (reseeded at every scale; default 42). generator: instead of ``seed``, as in
+                diffusers; it stands for its ``initial_seed()`` (the sampler reseeds at every scale).
             global_edit: mask everywhere and no refinement (style edits).
             callback_on_step_end: ``fn(pipe, scale_index, None, {"f_hat": f_hat})`` after every scale, for progress
                 and previews; unlike :class:`SwittiPipeline`'s, its return value is ignored (the sampler owns
@@ -152,6 +190,7 @@ class MLNPipeline(SwittiPipeline):
         if resize not in ("resize", "error"):
             raise EditSteerConfigError(f"resize must be 'resize' or 'error', got {resize!r}")
         cfg = self.resolve_config(preset, config, global_edit, overrides)
+        seed = seed_of(seed, generator)
         device = self._execution_device
         R = self.resolution
         G = self.patch_nums[-1]
@@ -197,7 +236,10 @@ class MLNPipeline(SwittiPipeline):
         if orig != (R, R):
             img = F.interpolate(img, size=orig, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
             M = F.interpolate(M, size=orig, mode="nearest")
-        info.update({k: v for k, v in result.info.items() if k not in ("config",)})
+        for note in result.info.get("warnings", []):
+            logger.warning("MLN: %s", note)
+        info.update({k: v for k, v in result.info.items() if k not in ("config", "warnings")})
+        info["warnings"] += result.info.get("warnings", [])
         info["nfe"] = result.nfe
         images = postprocess(img, output_type)
         masks = _mask_out(M, output_type)
