@@ -4,15 +4,21 @@ Nothing of the models is forked or swapped; :func:`apply_critic` patches a ``clo
 
 * a ``DIFFUSION_MODEL`` wrapper: per forward, the call state (text length, target tokens, their grid, the sigma);
   for Qwen-Image it also appends the critic rows to ``context`` (conditioning space, before ``txt_norm``/``txt_in``,
-  so they take the next text RoPE positions) and a 1 to ``attention_mask``; after the forward it records the error
-  map of the conditional rows;
+  so they take the text RoPE positions right after the prompt: ComfyUI does not pad Qwen-Image prompts, and its
+  attention ignores any mask; the diffusers adapter puts every sample's rows right after its own unpadded prompt
+  too) and a 1 to ``attention_mask``; it checks that the attention override is still the critic's; after the
+  forward it records the error map of the conditional rows;
 * Flux only: a ``post_input`` patch appending the critic rows to ``txt`` and their RoPE ids ``(3, 0, 0)`` to
-  ``txt_ids`` (the rows are dormant until block ``l_in``, so their value before it never matters);
+  ``txt_ids`` (the rows are dormant until block ``l_in``, so their value before it never matters); it refuses image
+  tokens with RoPE index 3, the critic's (a third reference image under ``ref_latents_method="index"``);
 * a ``patches_replace["dit"]`` entry per block (chaining any entry already there): it tells the attention override
   which block runs, writes the learned tokens into the critic rows at the input of block ``l_in`` and runs the
   critique head after each block ``l_c``;
 * ``transformer_options["optimized_attention_override"]``: every block's joint attention goes through
   ``InlineCritic.attention`` (``diffusers_ext.critic.core``), with ComfyUI's own attention kernel as ``attn_fn``.
+  An override set before the critic is chained; one set after it (by a node downstream of Apply Inline Critic)
+  must chain to the critic's, or sampling stops with :class:`EditSteerError`: the block patches would still write
+  the critic rows, and the model would attend to them unscaled and unmasked.
 
 The critic's mathematics are the core's; this module only moves tensors between ComfyUI's layouts and the core's
 documented ``BSHD`` layout, so one weight file gives the diffusers adapter's predictions (tested to 1e-4).
@@ -21,6 +27,7 @@ ComfyUI's DiT forward is not autograd-safe: inference only (train in diffusers).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,7 +36,7 @@ import torch
 
 import comfy.patcher_extension
 
-from diffusers_ext.errors import EditSteerConfigError, ModelFamilyError
+from diffusers_ext.errors import EditSteerConfigError, EditSteerError, ModelFamilyError
 
 logger = logging.getLogger("EditSteer")
 
@@ -171,6 +178,7 @@ class CriticPatch:
         to = kwargs.get("transformer_options")
         if to is None:  # positional: Flux (y, guidance, ref_latents, control, to), Qwen (mask, guidance, refs, to)
             to = args[4] if self.arch == "flux" else args[3]
+        self._check_override(to)
         self._begin(x, timestep, context, to)
         try:
             if self.arch == "qwen-image":
@@ -190,6 +198,16 @@ class CriticPatch:
         finally:
             self.call = _Call()
 
+    def _check_override(self, transformer_options) -> None:
+        found = transformer_options.get("optimized_attention_override")
+        if not chains_to(found, self.attention_override):
+            name = "none" if found is None else getattr(found, "__qualname__", type(found).__name__)
+            raise EditSteerError(
+                "the Inline Critic's attention override was replaced on this MODEL (transformer_options["
+                f"'optimized_attention_override'] is now {name}), probably by a node applied after Apply Inline "
+                "Critic; every block would attend to the critic rows unscaled and unmasked. Apply that node before "
+                "Apply Inline Critic (the critic chains to an override set before it), or leave it out")
+
     def post_input(self, d: dict) -> dict:
         """Flux ``post_input`` patch: critic rows at the end of the text stream, RoPE id (3, 0, 0)."""
         from diffusers_ext.critic.config import FLUX_CRITIC_ROPE_ID
@@ -198,6 +216,13 @@ class CriticPatch:
             return d
         n_c = self.critic.config.n_tokens
         txt, ids = d["txt"], d["txt_ids"]
+        img_ids = d.get("img_ids")
+        if img_ids is not None and bool((img_ids[..., 0] == FLUX_CRITIC_ROPE_ID[0]).any()):
+            raise EditSteerConfigError(
+                f"image tokens have RoPE index {FLUX_CRITIC_ROPE_ID[0]}, the Inline Critic's own (its tokens sit at "
+                f"{FLUX_CRITIC_ROPE_ID}, fixed by training): with ref_latents_method 'index' ComfyUI numbers the "
+                "reference images 1, 2, 3, ..., so a third reference would share the critic's position. Use at most "
+                "two reference images with the 'index' method, or the 'offset' method (Kontext's default)")
         d["txt"] = torch.cat([txt, txt.new_zeros(txt.shape[0], n_c, txt.shape[2])], dim=1)
         rid = ids.new_tensor(FLUX_CRITIC_ROPE_ID).expand(ids.shape[0], n_c, 3)
         d["txt_ids"] = torch.cat([ids, rid], dim=1)
@@ -275,6 +300,30 @@ class CriticPatch:
         """``WrappersMP.OUTER_SAMPLE``: a new sampling run starts a new record."""
         self.recorder.reset()
         return executor(*args, **kwargs)
+
+
+def chains_to(override, target, limit: int = 64) -> bool:
+    """Whether the attention override ``override`` is ``target`` or visibly calls it: through the
+    ``previous_override`` of the object it is a method of (as :class:`CriticPatch` chains), ``__wrapped__``
+    (``functools.wraps``), a ``functools.partial`` or a closure cell."""
+    todo, seen = [override], 0
+    while todo and seen < limit:
+        f = todo.pop()
+        seen += 1
+        if f is None or not callable(f):
+            continue
+        if f == target:
+            return True
+        todo.append(getattr(getattr(f, "__self__", None), "previous_override", None))
+        todo.append(getattr(f, "__wrapped__", None))
+        if isinstance(f, functools.partial):
+            todo.extend([f.func, *f.args, *f.keywords.values()])
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+    return False
 
 
 def installed(model_patcher) -> CriticPatch | None:

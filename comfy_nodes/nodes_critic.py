@@ -94,11 +94,14 @@ class EditSteerApplyCritic(io.ComfyNode):
                 Critic.Input("critic", tooltip="From Load Inline Critic; trained for this model family and size."),
                 io.Combo.Input("mode", options=["steer", "critique", "off"], default="steer",
                                tooltip="steer: every token also attends to the critic (changes the edit). "
-                                       "critique: the critic only reads (output identical to the plain model, error "
-                                       "map produced). off: the plain model."),
+                                       "critique: the critic only reads: the plain model's output (bit for bit on "
+                                       "CPU; a GPU may round the one extra text row's matrix products differently) "
+                                       "plus an error map. off: the plain model."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
-                               tooltip="Steer strength: multiplies the critic's attention weight (0 = critique "
-                                       "only, 1 = as trained)."),
+                               tooltip="Steer strength (steer mode): scales all of the critic's steering: the "
+                                       "tokens' attention weight on the critic, and, where the critic has them, its "
+                                       "gated attention and steering adapters' corrections (0 = critique only, 1 = "
+                                       "as trained)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )

@@ -303,3 +303,130 @@ def test_patch_survives_cloning_and_shares_the_critic(toy, critic):
     again = copy.deepcopy(m.model_options)
     assert again["transformer_options"]["optimized_attention_override"].__self__ is patch
     assert installed(m.clone()) is patch
+
+
+def test_qwen_padded_diffusers_prompt_matches_comfyui_unpadded(comfy):
+    """A prompt padded in a diffusers batch (QwenImageEditPipeline pads to the longest prompt) gives the velocity and
+    error map that ComfyUI, which never pads, gives for the same prompt: both put the critic rows right after the
+    sample's own prompt (diffusers used to put them after the padding)."""
+    from comfy_nodes.critic_patch import apply_critic
+    from diffusers_ext.critic import apply_inline_critic, remove_inline_critic
+    from diffusers_ext.tiny import random_qwen_prompt_embeds, tiny_qwen_edit_pipeline
+    from diffusers_ext.toy.convert import pack_latents, unpack_latents
+
+    t = tiny_qwen_edit_pipeline().transformer
+    critic = random_critic(t, seed=1, steer_rank=2)
+    g = torch.Generator().manual_seed(0)
+    b, h, w = 2, 8, 8
+    x, ref = torch.randn(b, 4, h, w, generator=g), torch.randn(b, 4, h, w, generator=g)
+    seq, mask = random_qwen_prompt_embeds(b, 7, t.config.joint_attention_dim)
+    mask[1, 5:] = 0  # sample 1: a 5-token prompt padded to 7
+    sigma = torch.tensor([0.6, 0.6])
+    handle = apply_inline_critic(t, critic, mode="steer", scale=0.8)
+    try:
+        with torch.no_grad():
+            v = t(hidden_states=torch.cat([pack_latents(x), pack_latents(ref)], 1), encoder_hidden_states=seq,
+                  encoder_hidden_states_mask=mask, timestep=sigma, img_shapes=[[(1, h // 2, w // 2)] * 2] * b,
+                  return_dict=False)[0][:, :(h // 2) * (w // 2)]
+        want = handle.last_call.error_map()[1].reshape(1, h // 2, w // 2)
+    finally:
+        remove_inline_critic(t)
+    m, patch = apply_critic(comfy_qwen_from_diffusers(t), critic, mode="steer", scale=0.8)
+    patch.recorder.reset()
+    vc = comfy_velocity(m, x[1:, :, None], sigma[1:], seq[1:, :5], ref_latents=[ref[1:, :, None]])[:, :, 0]
+    assert record("critic qwen steer, padded diffusers prompt: velocity (rel)",
+                  rel_err(vc, unpack_latents(v, h, w)[1:])) < 1e-4
+    assert record("critic qwen steer, padded diffusers prompt: error map (rel)",
+                  rel_err(patch.recorder.mean_map(), want)) < 1e-4
+
+
+def test_flux_third_index_reference_would_share_the_critics_rope_id(toy, critic):
+    """ComfyUI's ref_latents_method "index" numbers Kontext references 1, 2, 3, ...: a third reference would get the
+    critic's RoPE index 3; the patch refuses it with a clear error (two references, or the offset method, run)."""
+    from comfy_nodes.critic_patch import apply_critic
+    from diffusers_ext.errors import EditSteerConfigError
+
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    seq, pooled = toy.text_encoder.embed("make the red circle blue")
+    m, _ = apply_critic(toy.model, critic, mode="steer")
+    sigma = torch.tensor([0.5])
+    for refs, method in ((2, "index"), (3, "offset")):
+        v = comfy_velocity(m, x, sigma, seq, y=pooled, ref_latents=[ref] * refs, ref_latents_method=method)
+        assert torch.isfinite(v).all()
+    with pytest.raises(EditSteerConfigError, match="RoPE index 3.*at most two reference images"):
+        comfy_velocity(m, x, sigma, seq, y=pooled, ref_latents=[ref] * 3, ref_latents_method="index")
+
+
+def test_a_later_attention_override_must_chain_to_the_critics(toy, critic):
+    """The critic's attention override does the critic's attention; one set after it (a node downstream of Apply
+    Inline Critic) that does not call it would let every block attend to the critic rows unscaled: sampling stops
+    with a clear error. An override that chains to the critic's runs as usual."""
+    from comfy_nodes.critic_patch import apply_critic
+    from diffusers_ext.errors import EditSteerError
+
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    seq, pooled = toy.text_encoder.embed("make the red circle blue")
+    sigma = torch.tensor([0.5])
+    m, _ = apply_critic(toy.model, critic, mode="steer")
+    want = comfy_velocity(m, x, sigma, seq, y=pooled, ref_latents=[ref])
+
+    def replaced(func, *args, **kwargs):  # e.g. a node that runs its own attention kernel
+        return func(*args, **kwargs)
+
+    bad = m.clone()
+    bad.model_options["transformer_options"]["optimized_attention_override"] = replaced
+    with pytest.raises(EditSteerError, match="attention override was replaced.*replaced"):
+        comfy_velocity(bad, x, sigma, seq, y=pooled, ref_latents=[ref])
+    del bad.model_options["transformer_options"]["optimized_attention_override"]
+    with pytest.raises(EditSteerError, match="is now none"):
+        comfy_velocity(bad, x, sigma, seq, y=pooled, ref_latents=[ref])
+
+    good = m.clone()
+    previous = good.model_options["transformer_options"]["optimized_attention_override"]
+    calls = []
+
+    def chained(func, *args, **kwargs):  # a node that wraps the override already there
+        calls.append(1)
+        return previous(func, *args, **kwargs)
+
+    good.model_options["transformer_options"]["optimized_attention_override"] = chained
+    assert torch.equal(comfy_velocity(good, x, sigma, seq, y=pooled, ref_latents=[ref]), want) and calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_critique_mode_is_the_plain_model_bit_for_bit_on_cpu(comfy, toy_editor_ref, toy_critic_ref, dtype):
+    """What the Apply node's tooltip promises for critique mode: the critic only reads, the output is the plain
+    model's bit for bit (CPU, one thread as in the diffusers test), Flux and Qwen-Image, float32 and bf16."""
+    from comfy_nodes.critic_patch import apply_critic
+    from comfy_nodes.flux_toy import load_toy_for_comfy
+    from comfy_nodes.nodes_critic import EditSteerCriticLoader
+    from diffusers_ext.tiny import random_qwen_prompt_embeds, tiny_qwen_edit_pipeline
+
+    toy = load_toy_for_comfy(toy_editor_ref)  # its own copy: cast below
+    toy.model.model.diffusion_model.to(dtype)
+    qwen_t = tiny_qwen_edit_pipeline().transformer
+    qwen = comfy_qwen_from_diffusers(qwen_t)
+    qwen.model.diffusion_model.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    seq, pooled = toy.text_encoder.embed("make the red circle blue")
+    seq = seq.expand(2, -1, -1).to(dtype)
+    cases = [(toy.model, EditSteerCriticLoader.execute(toy_critic_ref, False)[0],
+              [torch.randn(2, 4, 16, 16, generator=g).to(dtype), torch.tensor([0.8, 0.4]), seq],
+              {"y": pooled.expand(2, -1).to(dtype), "ref_latents": [torch.randn(2, 4, 16, 16, generator=g).to(dtype)]}),
+             (qwen, random_critic(qwen_t, seed=1, steer_rank=2),
+              [torch.randn(2, 4, 1, 8, 12, generator=g).to(dtype), torch.tensor([0.6, 0.6]),
+               random_qwen_prompt_embeds(2, 7, 16)[0].to(dtype)],
+              {"ref_latents": [torch.randn(2, 4, 1, 8, 12, generator=g).to(dtype)]})]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model, critic, args, kwargs in cases:
+            plain = comfy_velocity(model, *args, **kwargs)
+            m, patch = apply_critic(model, critic, mode="critique")
+            patch.recorder.reset()
+            assert torch.equal(comfy_velocity(m, *args, **kwargs), plain)
+            assert patch.recorder.mean_map() is not None
+    finally:
+        torch.set_num_threads(threads)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fixtures_critic import flux_inputs, qwen_inputs, snapshot, tiny_flux, tiny_qwen
+from fixtures_critic import flux_inputs, qwen_inputs, snapshot, strong_steering_, tiny_flux, tiny_qwen
 
 from diffusers_ext.critic import (
     InlineCritic,
@@ -93,6 +93,47 @@ def test_critic_output_does_not_depend_on_batch_neighbours(family):
         single = t(**one)[0]
         torch.testing.assert_close(single[0], full[1], atol=1e-5, rtol=0)
         torch.testing.assert_close(handle.last_call.error_map()[0], full_map[1], atol=1e-5, rtol=0)
+    remove_inline_critic(t)
+
+
+def test_flux_image_ids_on_the_critics_rope_index_are_refused():
+    """The critic's RoPE id is (3, 0, 0) (fixed by the trained critics); image tokens numbered 3 on axis 0 (a third
+    reference image, as ComfyUI's ref_latents_method="index" numbers them) would share it: refused, not mixed up."""
+    t = tiny_flux()
+    kw = flux_inputs(t)
+    handle = apply_inline_critic(t, _critic(t), mode="critique")
+    with torch.no_grad():
+        second = kw["img_ids"].clone()
+        second[16:, 0] = 2
+        t(**{**kw, "img_ids": second})  # references numbered 1 or 2: fine
+        third = kw["img_ids"].clone()
+        third[16:, 0] = 3
+        with pytest.raises(EditSteerConfigError, match="RoPE index 3 on axis 0, the Inline Critic's own"):
+            t(**{**kw, "img_ids": third})
+        handle.set_mode("off")
+        t(**{**kw, "img_ids": third})  # no critic rows: nothing to collide with
+    remove_inline_critic(t)
+
+
+def test_qwen_critic_does_not_depend_on_prompt_padding():
+    """QwenImageEditPipeline pads every prompt of a batch to the longest one. The critic rows sit right after each
+    sample's own prompt, so a padded sample's steered output and error map equal its unpadded run (they used to
+    follow the padded length: 0.14 off)."""
+    t = tiny_qwen()
+    kw = qwen_inputs(t)  # sample 1: its last 2 text tokens are padding
+    handle = apply_inline_critic(t, strong_steering_(_critic(t)), mode="steer")
+    with torch.no_grad():
+        full = t(**kw)[0]
+        full_map = handle.last_call.error_map()
+        one = {**kw, "hidden_states": kw["hidden_states"][1:], "timestep": kw["timestep"][1:],
+               "encoder_hidden_states": kw["encoder_hidden_states"][1:, :-2],
+               "encoder_hidden_states_mask": kw["encoder_hidden_states_mask"][1:, :-2],
+               "img_shapes": kw["img_shapes"][:1]}
+        single = t(**one)[0]
+        torch.testing.assert_close(single[0], full[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(handle.last_call.error_map()[0], full_map[1], atol=1e-5, rtol=0)
+        unmasked = t(**{**one, "encoder_hidden_states_mask": None})[0]  # no mask at all: the same positions
+        torch.testing.assert_close(unmasked, single, atol=1e-5, rtol=0)
     remove_inline_critic(t)
 
 

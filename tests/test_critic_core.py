@@ -49,6 +49,32 @@ def test_config_round_trips_through_metadata():
         CriticConfig.from_metadata({"format": "pt"})
 
 
+def test_placement_is_checked_on_load_and_the_old_qwen_placement_loads_with_a_warning(caplog):
+    """The weight file records where the critic rows sit. Qwen critics written before the rows moved from after the
+    padded text to after each sample's own prompt load with a warning (the same positions unpadded); any other
+    placement is refused."""
+    from diffusers_ext.critic.config import LEGACY_PLACEMENT, PLACEMENT
+
+    qwen = CriticConfig(arch="qwen-image", width=48, depth=3, num_heads=3, context_dim=16, l_in=1)
+    meta = qwen.metadata()
+    assert meta["placement"] == PLACEMENT["qwen-image"] and "own unpadded prompt" in meta["placement"]
+    with caplog.at_level("WARNING", logger="diffusers_ext.critic.config"):
+        assert CriticConfig.from_metadata(meta, source="new.safetensors") == qwen
+        assert not caplog.records
+        old = {**meta, "placement": LEGACY_PLACEMENT["qwen-image"][0]}
+        assert CriticConfig.from_metadata(old, source="old.safetensors") == qwen
+    assert "old.safetensors" in caplog.text and "padded" in caplog.text
+    assert qwen.metadata()["placement"] == PLACEMENT["qwen-image"]  # saving again records the current one
+    flux = CriticConfig(**FLUX, l_in=1)
+    for cfg, bad in ((qwen, "text stream, somewhere else"), (flux, LEGACY_PLACEMENT["qwen-image"][0]),
+                     (flux, None)):
+        m = {k: v for k, v in cfg.metadata().items() if k != "placement"}
+        if bad is not None:
+            m["placement"] = bad
+        with pytest.raises(ModelFamilyError, match="places its critic rows as"):
+            CriticConfig.from_metadata(m, source="x.safetensors")
+
+
 # -- attention math -----------------------------------------------------------------------------------------------
 def _qkv(b=2, s=11, h=2, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -75,6 +75,33 @@ def test_load_critic_errors_leave_the_pipeline_as_it_was(critic_editor_dir, crit
     assert pipe.critic is before
 
 
+def test_from_pipe_without_a_critic_runs_the_installed_critic_in_its_mode(critic_editor_dir, critic_folder):
+    """``from_pipe(pipe_with_critic)`` shares the transformer and its critic: the new pipeline runs that critic in the
+    mode and scale it was loaded with (it used to run the plain model and return no error map)."""
+    from diffusers_ext.critic import apply_inline_critic
+
+    img, prompt = _case()
+    pipe = InlineCriticKontextPipeline.from_pretrained(critic_editor_dir, critic=critic_folder, critic_mode="critique",
+                                                       critic_scale=0.5)
+    ref = pipe(image=img, prompt=prompt, generator=_gens(1), **KW)
+    same = InlineCriticKontextPipeline.from_pipe(pipe)
+    assert same.critic is pipe.critic and (same.critic_mode, same.critic_scale) == ("critique", 0.5)
+    out = same(image=img, prompt=prompt, generator=_gens(1), **KW)
+    assert out.error_maps is not None and torch.equal(out.error_maps, ref.error_maps)
+    assert np.array_equal(out.images, ref.images)
+    steer = InlineCriticKontextPipeline.from_pipe(pipe, critic_mode="steer")
+    assert (steer.critic_mode, steer.critic_scale, pipe.critic_mode) == ("steer", 0.5, "critique")
+    assert np.abs(steer(image=img, prompt=prompt, generator=_gens(1), **KW).images - ref.images).max() > 1e-3
+
+    pipe.unload_critic()  # nothing installed: plain, and asking for a mode is an error
+    assert InlineCriticKontextPipeline.from_pipe(pipe).critic_mode == "off"
+    with pytest.raises(EditSteerConfigError, match="no critic is given or installed"):
+        InlineCriticKontextPipeline.from_pipe(pipe, critic_mode="steer")
+    apply_inline_critic(pipe.transformer, critic_folder, mode="critique", scale=0.7)  # installed without a pipeline
+    assert InlineCriticKontextPipeline.from_pipe(pipe).critic_mode == "critique"
+    pipe.unload_critic()
+
+
 def test_qwen_pipeline_true_cfg_two_passes(tiny_qwen_dir, monkeypatch):
     from diffusers import QwenImageEditPipeline
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
@@ -107,6 +134,45 @@ def test_qwen_pipeline_true_cfg_two_passes(tiny_qwen_dir, monkeypatch):
     assert len(calls) == 4  # two steps x (conditional + negative pass), both carrying the critic
     assert out.error_maps.shape == (1, 4, 4) and out.step_error_maps.shape == (2, 1, 4, 4)
     assert np.abs(out.images - ref).max() > 1e-4
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_qwen_edit_plus_pipeline_with_apply_inline_critic(monkeypatch, zero_cond_t):
+    """Qwen-Image-Edit-2509/2511 run in ``QwenImageEditPlusPipeline`` (several reference images; 2511's config sets
+    ``zero_cond_t``): no subclass, but ``apply_inline_critic`` on its transformer works as on any pipeline: critique
+    keeps the output, steer changes it, one error map per call over the target grid."""
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+
+    from diffusers_ext.critic import apply_inline_critic, critic_config_for, remove_inline_critic
+    from diffusers_ext.tiny import random_qwen_prompt_embeds
+    from diffusers_ext.tiny.models import tiny_qwen_edit_components
+
+    # the pipeline resizes every image to ~1 megapixel (minutes on CPU for the tiny VAE): keep 32x32
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "calculate_dimensions", lambda area, ratio: (32, 32))
+    parts = tiny_qwen_edit_components()
+    if zero_cond_t:
+        torch.manual_seed(0)
+        parts["transformer"] = QwenImageTransformer2DModel.from_config(
+            {**parts["transformer"].config, "zero_cond_t": True})
+    pipe = QwenImageEditPlusPipeline(**parts)
+    torch.manual_seed(0)
+    critic = strong_steering_(InlineCritic(critic_config_for(pipe.transformer, l_in=0, l_c=(1,), adapter_rank=2)))
+    pe, pm = random_qwen_prompt_embeds(1, 7, 16)
+    imgs = [world.to_pil(world.make_case("heldout", 0, i).source) for i in range(2)]
+    kw = {"image": imgs, "prompt_embeds": pe, "prompt_embeds_mask": pm, "height": 32, "width": 32,
+          "num_inference_steps": 2, "output_type": "np"}
+    ref = pipe(**kw, generator=_gens(1)).images
+    handle = apply_inline_critic(pipe.transformer, critic, mode="critique")
+    try:
+        with handle.session() as records:
+            crit = pipe(**kw, generator=_gens(1)).images
+        assert np.abs(crit - ref).max() <= 1e-6
+        assert len(records) == 2 and records[0].error_map.shape == (1, 4, 4)
+        with handle.session(mode="steer"):
+            assert np.abs(pipe(**kw, generator=_gens(1)).images - ref).max() > 1e-4
+    finally:
+        remove_inline_critic(pipe.transformer)
 
 
 def test_custom_pipeline_shim_offline(critic_editor_dir, critic_folder):

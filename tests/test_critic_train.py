@@ -190,3 +190,77 @@ def test_headroom_lora_trains_only_adapters_and_saves_the_merged_editor(critic_e
     changed = {k for k in saved if not torch.equal(saved[k], before[k])}
     assert changed and all(k.startswith(("transformer_blocks", "single_transformer_blocks")) for k in changed)
     assert all(k.endswith(".weight") for k in changed)  # LoRA moves weights, never biases
+
+
+def test_each_stage_trains_exactly_the_parameters_that_get_a_gradient(critic_editor_dir):
+    """Stage 2 (error-map loss, critique mode) never reaches the steering adapters, the decoupled gates or the critic
+    adapters after the last critique block: they must not be trainable there (DistributedDataParallel would wait for
+    their gradient forever), while stage 3 trains every parameter."""
+    from diffusers_ext.critic import apply_inline_critic, critic_config_for, remove_inline_critic, train
+    from diffusers_ext.critic.data import KontextEditData
+    from diffusers_ext.toy.editor import load_toy_editor
+
+    pipe, _ = load_toy_editor(critic_editor_dir)
+    t = pipe.transformer.requires_grad_(False)
+    data = KontextEditData.from_toy_world(pipe, 4, split="train", seed=0)
+    torch.manual_seed(0)
+    critic = InlineCritic(critic_config_for(t, l_in=1, l_c=(2,), adapter_rank=2, steer_rank=2,
+                                            steer_attention="decoupled"))
+    handle = apply_inline_critic(t, critic, mode="off")
+    try:
+        for stage, mode in ((2, "critique"), (3, "steer")):
+            handle.set_mode(mode)
+            train._set_stage_trainable(critic, stage)
+            module = train._stage_module(stage, t, critic, data, handle, 1.0)
+            batch = data.batch(torch.arange(2))
+            x_t, v_star, sigma = data.noised(batch, torch.Generator().manual_seed(0))
+            critic.zero_grad(set_to_none=True)
+            module(batch, x_t, v_star, sigma)["loss"].backward()
+            trained = {n for n, p in critic.named_parameters() if p.requires_grad}
+            assert trained == {n for n, p in critic.named_parameters() if p.grad is not None}, stage
+            frozen = {n.split(".")[0] + "." + n.split(".")[1] for n, p in critic.named_parameters()
+                      if not p.requires_grad}
+            assert frozen == ({"gates.2", "gates.3", "steer_adapters.2", "steer_adapters.3", "adapters.3"}
+                              if stage == 2 else set())
+    finally:
+        remove_inline_critic(t)
+
+
+def test_two_process_training_with_steering_adapters_and_gates(critic_editor_dir, tmp_path):
+    """``accelerate launch`` with two processes (gloo on CPU, as torchrun starts them): stages 2 and 3 with steering
+    adapters and decoupled gates run to the end (stage 2 used to fail on its second step in DistributedDataParallel:
+    parameters without a gradient)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "diffusers_ext", "train", "critic", "--model", str(critic_editor_dir),
+           "--stages", "2,3", "--steps2", "3", "--steps3", "2", "--cases", "8", "--val-cases", "4",
+           "--batch-size", "2", "--log-every", "100", "--l-in", "1", "--adapter-rank", "2", "--steer-rank", "2",
+           "--steer-attention", "decoupled", "--threads", "1", "--out", str(out)]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["processes"] for r in log if "loss" in r} == {2}
+    assert {r["stage"] for r in log if "loss" in r} == {2, 3}
+    critic = InlineCritic.from_pretrained(out / "critic")
+    assert critic.config.stage == 3 and all(torch.count_nonzero(g) > 0 for g in critic.gates.values())

@@ -80,6 +80,11 @@ class InstalledCritic:
         self.critic = critic
         self.family = family
         self.runtime = CriticRuntime(critic, family, mode, scale)
+        #: Mode and scale that the pipeline which loaded this critic (``load_critic``) runs it in; the handle itself
+        #: rests in ``off`` between that pipeline's calls. Pipelines built later on the same transformer without a
+        #: critic of their own (``from_pipe``) start from them. ``None``: installed without a pipeline.
+        self.pipeline_mode: str | None = None
+        self.pipeline_scale: float | None = None
         self._originals: list[tuple[torch.nn.Module, object]] = []
         self._handles: list = []
 

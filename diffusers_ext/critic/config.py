@@ -15,10 +15,13 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import EditSteerConfigError, ModelFamilyError
+
+logger = logging.getLogger(__name__)
 
 #: Run modes. ``off``: the frozen model, bit for bit (no token is appended). ``critique``: the stage-2 masked mode
 #: (the critic reads every token, no token attends to it; the model output is unchanged and the error map is
@@ -33,14 +36,26 @@ ARCHS = ("flux", "qwen-image")
 #: every token adds a separate attention over the critic keys alone, scaled by a learned per-head gate that starts
 #: at zero (IP-Adapter's decoupled cross-attention; EditSteer's proposed design).
 STEER_ATTENTION = ("joint", "decoupled")
-#: Flux RoPE id given to every critic token: axis 0 = 3 is used neither by text (0) nor by Kontext references (1).
+#: Flux RoPE id given to every critic token: axis 0 = 3 is used neither by text (0), nor by the target (0), nor by
+#: Kontext references (1). ComfyUI's ``ref_latents_method="index"`` numbers references 1, 2, 3, ...: a third
+#: reference would share it, and both adapters refuse image ids with axis 0 = 3 (fixed by the trained critics).
 FLUX_CRITIC_ROPE_ID = (3, 0, 0)
 PLACEMENT = {
     "flux": "text stream: n_c rows appended to encoder_hidden_states (conditioning space, zeros) before "
             "context_embedder, RoPE id (3,0,0); rows set to the learned tokens at the input of block l_in",
     "qwen-image": "text stream: n_c rows appended to encoder_hidden_states (conditioning space, zeros) before "
-                  "txt_norm/txt_in, mask 1, next text RoPE positions; rows set to the learned tokens at the input of "
-                  "block l_in",
+                  "txt_norm/txt_in, mask 1, RoPE positions right after the sample's own unpadded prompt (whatever "
+                  "the batch padding); rows set to the learned tokens at the input of block l_in",
+}
+#: Placements of earlier files that still load, with a warning: arch -> (placement as stored, what changed).
+LEGACY_PLACEMENT = {
+    "qwen-image": (
+        ("text stream: n_c rows appended to encoder_hidden_states (conditioning space, zeros) before txt_norm/txt_in, "
+         "mask 1, next text RoPE positions; rows set to the learned tokens at the input of block l_in"),
+        ("its critic rows took the RoPE positions after the *padded* text, so in a padded batch a sample's critic "
+         "depended on its neighbours' prompt lengths; they now sit right after each sample's own prompt, which is "
+         "the same position for every unpadded prompt (ComfyUI, one prompt per call) and differs only for padded "
+         "prompts in diffusers batches")),
 }
 #: Version of the weight-file layout; bumped when the meaning of a stored tensor changes.
 PACK_VERSION = "1"
@@ -75,8 +90,10 @@ class CriticConfig:
         stream: stream carrying the tokens (``"text"``).
         mode: default run mode (``off`` / ``critique`` / ``steer``).
         steer_start: first block whose tokens attend to the critic in ``steer`` mode (default ``l_in + 1``).
-        steer_scale: multiplier of the critic's attention weight in ``steer`` mode (a logit bias ``log(scale)``);
-            0 reproduces ``critique`` mode.
+        steer_scale: strength of the steering in ``steer`` mode, applied to every part of it: it multiplies the
+            critic's attention weight in ``joint`` steering (a logit bias ``log(scale)`` on the critic keys) and the
+            per-head gates of ``decoupled`` steering, and scales the steering adapters' corrections linearly. 0
+            reproduces ``critique`` mode, 1 is as trained. The critic's own q/k/v adapters are not scaled.
         head_hidden: hidden width of the critique head MLP.
         adapter_rank: rank of the per-block low-rank adapters on the critic rows' q/k/v (0 = none, the plain token).
         steer_attention: ``"joint"`` or ``"decoupled"`` (see :data:`STEER_ATTENTION`); ``decoupled`` adds one
@@ -275,7 +292,17 @@ class CriticConfig:
         if meta.get("pack_version") != PACK_VERSION:
             raise ModelFamilyError(f"{source} was written with critic pack_version {meta.get('pack_version')!r}; "
                                    f"this EditSteer reads version {PACK_VERSION}")
-        return cls.from_dict(json.loads(meta["config"]))
+        config = cls.from_dict(json.loads(meta["config"]))
+        found = meta.get("placement")
+        if found != config.placement:
+            legacy, change = LEGACY_PLACEMENT.get(config.arch, (None, ""))
+            if found is None or found != legacy:
+                raise ModelFamilyError(
+                    f"{source} places its critic rows as {found!r}, but this EditSteer places {config.arch} critics "
+                    f"as {config.placement!r}; its predictions would not be the ones it was trained for")
+            logger.warning("%s was written with an earlier %s critic placement: %s. Saving it again records the "
+                           "current placement.", source, config.arch, change)
+        return config
 
 
 def check_mode(mode: str) -> str:

@@ -3,10 +3,12 @@
 Both take a critic (an :class:`InlineCritic`, a local folder, a ``critic.safetensors`` file, a manifest id or a Hub
 repo id) at construction (``critic=``, also through ``from_pretrained``/``from_pipe``/``custom_pipeline``) or with
 :meth:`load_critic`, run it in the chosen mode during their own calls only, and return the critic's error map with
-the images.
+the images. Built without ``critic=`` on a transformer that already carries one (``from_pipe(pipe_with_critic)``),
+a pipeline uses that critic with the mode and scale it was loaded with (``critic_mode=``/``critic_scale=`` override
+them).
 
-The critic rests in ``off`` mode on the shared transformer between calls, so another pipeline built on the same
-transformer (``from_pipe``) still runs the frozen model.
+The critic rests in ``off`` mode on the shared transformer between calls, so a plain pipeline built on the same
+transformer (``FluxKontextPipeline.from_pipe(pipe)``) still runs the frozen model.
 
 Two ways to use them::
 
@@ -129,6 +131,15 @@ class _CriticPipelineMixin:
         self.critic_mode, self.critic_scale = "off", None
         if critic is not None:
             self.load_critic(critic, mode=critic_mode, scale=critic_scale)
+            return
+        handle = installed_critic(self.transformer) if getattr(self, "transformer", None) is not None else None
+        if handle is not None:  # from_pipe(pipe_with_critic): the shared transformer's critic, with its settings
+            mode = critic_mode if critic_mode is not None else (handle.pipeline_mode or handle.mode)
+            self.critic_mode = check_mode(mode)
+            self.critic_scale = critic_scale if critic_scale is not None else handle.pipeline_scale
+        elif critic_mode is not None and check_mode(critic_mode) != "off":
+            raise EditSteerConfigError(f"critic_mode={critic_mode!r} but no critic is given or installed on the "
+                                       "transformer; pass critic= as well")
 
     @property
     def critic(self) -> InlineCritic | None:
@@ -152,11 +163,13 @@ class _CriticPipelineMixin:
         if old is not None:
             old.remove()
         try:
-            apply_inline_critic(self.transformer, critic, mode="off", scale=scale)
+            handle = apply_inline_critic(self.transformer, critic, mode="off", scale=scale)
         except BaseException:
             if old is not None:  # leave the pipeline as it was
-                apply_inline_critic(self.transformer, old.critic, mode=old.mode, scale=old.scale)
+                back = apply_inline_critic(self.transformer, old.critic, mode=old.mode, scale=old.scale)
+                back.pipeline_mode, back.pipeline_scale = old.pipeline_mode, old.pipeline_scale
             raise
+        handle.pipeline_mode, handle.pipeline_scale = mode, scale
         self.critic_mode, self.critic_scale = mode, scale
         return critic
 

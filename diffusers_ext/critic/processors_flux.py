@@ -1,9 +1,9 @@
 """Inline Critic adapter for diffusers' ``FluxTransformer2DModel`` (FLUX.1 Kontext [dev] and the toy editor).
 
 Placement: the ``n_c`` critic rows ride at the end of the text stream. The transformer pre-hook appends zero rows to
-``encoder_hidden_states`` (before ``context_embedder``) and RoPE ids ``(3, 0, 0)`` to ``txt_ids``; single-stream
-blocks carry the rows automatically (they split at the text length); Flux drops the text stream before
-``proj_out``, so the output shape is unchanged. The processor below is a thin caller of
+``encoder_hidden_states`` (before ``context_embedder``) and RoPE ids ``(3, 0, 0)`` to ``txt_ids`` (image ids with
+axis 0 = 3 are refused); single-stream blocks carry the rows automatically (they split at the text length); Flux
+drops the text stream before ``proj_out``, so the output shape is unchanged. The processor below is a thin caller of
 :meth:`InlineCritic.attention`: it computes q/k/v exactly as ``FluxAttnProcessor`` does and hands the joint,
 RoPE'd sequence to the core.
 """
@@ -58,6 +58,19 @@ def target_info(img_ids: torch.Tensor) -> tuple[int, tuple[int, int] | None]:
     return n, ((h, w) if h * w == n else None)
 
 
+def check_rope_ids(img_ids: torch.Tensor) -> None:
+    """Refuse image tokens whose RoPE id shares axis 0 with the critic's (:data:`FLUX_CRITIC_ROPE_ID`, fixed by
+    training): the critic would be read as part of that image. Kontext gives its targets 0 and its references 1;
+    ComfyUI's ``ref_latents_method="index"`` numbers references 1, 2, 3, ... (its guard is in ``critic_patch.py``)."""
+    if img_ids.device.type == "meta":
+        return
+    if bool((img_ids[..., 0] == FLUX_CRITIC_ROPE_ID[0]).any()):
+        raise EditSteerConfigError(
+            f"img_ids give image tokens RoPE index {FLUX_CRITIC_ROPE_ID[0]} on axis 0, the Inline Critic's own (its "
+            f"tokens sit at {FLUX_CRITIC_ROPE_ID}, fixed by training); number reference images 1 (Kontext) or 1 and "
+            "2 only")
+
+
 def prepare_call(runtime: CriticRuntime, module, args, kwargs):
     """Transformer forward pre-hook: append the critic rows and their RoPE ids; set the call state."""
     b = BoundArgs(module, args, kwargs)
@@ -76,6 +89,7 @@ def prepare_call(runtime: CriticRuntime, module, args, kwargs):
     if txt_ids.ndim == 3:  # deprecated batched ids
         rid = rid.unsqueeze(0).expand(txt_ids.shape[0], -1, -1)
     b.set("txt_ids", torch.cat([txt_ids, rid], dim=-2))
+    check_rope_ids(img_ids)
     n_target, grid = target_info(img_ids)
     t = b.get("timestep")
     runtime.call = CallState(active=True, mode=runtime.mode, scale=runtime.scale, n_txt=ehs.shape[1],

@@ -2,9 +2,13 @@
 
 Placement: the ``n_c`` critic rows ride at the end of the text stream. The transformer pre-hook appends zero rows to
 ``encoder_hidden_states`` (conditioning space, before ``txt_norm``/``txt_in``) and ones to
-``encoder_hidden_states_mask``; the rows take the next text RoPE positions (``QwenEmbedRope`` slices the text
-frequencies by the text length). The processor computes q/k/v exactly as ``QwenDoubleStreamAttnProcessor2_0`` does
-and hands the joint, RoPE'd sequence to :meth:`InlineCritic.attention`.
+``encoder_hidden_states_mask``. Their RoPE positions are the ones right after each sample's own, unpadded prompt
+(``QwenEmbedRope``'s text rows ``L_i .. L_i + n_c - 1``, ``L_i`` = the sample's last unmasked text token + 1): the
+text positions they would take if the prompt were not padded. A sample's critic therefore does not depend on how
+long its batch neighbours' prompts are (``QwenImageEditPipeline`` pads every prompt to the longest), and matches
+ComfyUI, which never pads. The processor computes q/k/v exactly as ``QwenDoubleStreamAttnProcessor2_0`` does, gives
+the critic rows of padded samples their own positions, and hands the joint, RoPE'd sequence to
+:meth:`InlineCritic.attention`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import EditSteerConfigError
+from . import core
 from .runtime import BoundArgs, CallState, CriticProcessorBase, CriticRuntime
 
 ARCH = "qwen-image"
@@ -69,8 +74,32 @@ def prepare_call(runtime: CriticRuntime, module, args, kwargs):
     t = b.get("timestep")
     runtime.call = CallState(active=True, mode=runtime.mode, scale=runtime.scale, n_txt=ehs.shape[1],
                              n_target=n_target, grid=grid,
-                             timestep=_timestep(t))
+                             timestep=_timestep(t), critic_pos=critic_positions(mask))
     return b.unbind()
+
+
+def critic_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-sample text RoPE row of the first critic token: the sample's unpadded prompt length (its last unmasked
+    text token + 1; the whole length when nothing is unmasked). ``None`` without a mask: nothing is padded and the
+    rows keep the positions the transformer gives them (the same ones). No host sync."""
+    if mask is None or mask.device.type == "meta":
+        return None
+    m = mask.to(torch.bool)
+    n = m.shape[1]
+    idx = torch.arange(1, n + 1, device=m.device)
+    return torch.where(m.any(1), (m * idx).amax(1), torch.full_like(idx[:1], n))
+
+
+def rope_critic_rows(x: torch.Tensor, raw: torch.Tensor, txt_freqs: torch.Tensor, start: int, n_c: int,
+                     pos: torch.Tensor) -> torch.Tensor:
+    """``x`` (text q or k after RoPE, ``(B, S_txt, H, D)``) with its critic rows ``[start, start + n_c)`` RoPE'd
+    from ``raw`` (the same before RoPE) at text rows ``pos[b] + j`` of ``txt_freqs`` (complex, ``(S_txt, D/2)``):
+    ``apply_rotary_emb_qwen``'s arithmetic with per-sample rows."""
+    rows = raw[:, start:start + n_c]
+    b, n, h, _ = rows.shape
+    f = txt_freqs[pos[:, None].to(txt_freqs.device) + torch.arange(n, device=txt_freqs.device)]  # (B, n_c, D/2)
+    rotated = torch.view_as_real(torch.view_as_complex(rows.float().reshape(b, n, h, -1, 2)) * f[:, :, None])
+    return core.replace_rows(x, rotated.flatten(3).type_as(rows), start)
 
 
 def _timestep(t):
@@ -122,8 +151,13 @@ class QwenCriticAttnProcessor(CriticProcessorBase):
             img_freqs, txt_freqs = image_rotary_emb
             iq = apply_rotary_emb_qwen(iq, img_freqs, use_real=False)
             ik = apply_rotary_emb_qwen(ik, img_freqs, use_real=False)
+            tq_raw, tk_raw = tq, tk
             tq = apply_rotary_emb_qwen(tq, txt_freqs, use_real=False)
             tk = apply_rotary_emb_qwen(tk, txt_freqs, use_real=False)
+            if call.critic_pos is not None:  # padded samples: the critic rows right after their own prompt
+                n_c = self.runtime.critic.config.n_tokens
+                tq = rope_critic_rows(tq, tq_raw, txt_freqs, call.n_txt, n_c, call.critic_pos)
+                tk = rope_critic_rows(tk, tk_raw, txt_freqs, call.n_txt, n_c, call.critic_pos)
         q, k, v = torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([tv, iv], dim=1)
         out = self.runtime.critic.attention(self.block_index, q, k, v, start=call.n_txt, mode=call.mode,
                                             scale=call.scale, key_mask=key_mask, attn_fn=self._attn)

@@ -21,6 +21,7 @@ class CallState:
     n_target: int = 0  # image tokens being denoised (Kontext/Qwen-Edit condition tokens follow them)
     grid: tuple[int, int] | None = None  # (h, w) token grid of the target tokens
     timestep: float | None = None
+    critic_pos: torch.Tensor | None = None  # Qwen: (B,) text RoPE row of the first critic token, when padded
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, n_target) critique, with grad
 
     def error_map(self) -> torch.Tensor | None:

@@ -7,7 +7,8 @@ tokens, critique head(s) and adapters learn ``MSE(e_hat, e~)``, ``e~`` = the log
 model's output. Stage 3, *unmasked joint*: tokens of the blocks from ``steer_start`` attend to the critic;
 ``L = L_FM + lambda * L_crit`` with ``L_FM = MSE(v_theta(x_t), v*)``; initialised from stage 2.
 
-The backbone is frozen throughout (``requires_grad_(False)``; only critic/probe tensors are in the optimizer).
+The backbone is frozen throughout (``requires_grad_(False)``; only critic/probe tensors are in the optimizer, and
+each stage only those it trains: stage 2 leaves the steering adapters and gates, which it never uses, frozen).
 Runs under ``accelerate launch`` unchanged (one batch per process, gradients all-reduced); checkpoints are
 safetensors + JSON (no pickle): ``--resume`` continues from the last one, mid-stage included.
 
@@ -242,6 +243,26 @@ def _train_stage(acc, stage: int, steps: int, start_step: int, transformer, trai
     budget.setdefault("steps_done", {})[stage] = steps
 
 
+def _set_stage_trainable(critic, stage: int) -> None:
+    """Let only the parameters that ``stage`` trains require a gradient. Stage 2 (critique mode, loss on the error
+    map alone) never reaches the steering adapters, the decoupled-attention gates, nor the critic adapters of the
+    blocks after the last critique block: they are frozen there and unfrozen for stage 3, which trains everything.
+
+    Under ``accelerate launch`` the stage module is wrapped in ``DistributedDataParallel``, which expects a gradient
+    for every parameter that requires one and fails on the second step otherwise. On one process nothing changes:
+    these parameters never had a gradient in stage 2, and AdamW (weight decay included) and gradient clipping skip
+    parameters without one."""
+    critic.requires_grad_(True)
+    if stage != 2:
+        return
+    critic.steer_adapters.requires_grad_(False)
+    critic.gates.requires_grad_(False)
+    last = max(critic.config.l_c)
+    for block, adapter in critic.adapters.items():
+        if int(block) > last:
+            adapter.requires_grad_(False)
+
+
 def _init_tokens_from_text(transformer, critic, data, handle, n: int = 16) -> None:
     """Start the critic tokens at the mean text-stream state entering block l_in (an in-distribution vector)."""
     import torch
@@ -444,6 +465,7 @@ def run(args) -> int:
                 steps = args.steps2 if stage == 2 else args.steps3
                 mode = "critique" if stage == 2 else "steer"
                 handle.set_mode(mode)
+                _set_stage_trainable(critic, stage)
                 log({"stage": stage, "event": f"mode={mode}", "step": start, "steps": steps})
                 _train_stage(acc, stage, steps, start, transformer, critic, data, handle, args, out, run_state,
                              args.lr, log, budget)
