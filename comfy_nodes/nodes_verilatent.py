@@ -10,6 +10,7 @@ with a plain sampler.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -39,14 +40,26 @@ def search_inputs() -> list:
                                 "TextEncodeQwenImageEdit)."),
         io.Mask.Input("mask", optional=True,
                       tooltip="Optional region the edit should change; replaces the candidates' consensus region."),
+        io.Int.Input("rollout_batch", default=ROLLOUT_BATCH_DEFAULT, min=0, max=256, optional=True,
+                     tooltip="The most candidates denoised in one model call (early steps and finalists). ComfyUI "
+                             "reserves memory for the batch it was given (one image), so 1 (default) is safe "
+                             "with large models; raise it to run candidates in parallel when memory allows (0: a "
+                             "whole round at once). The results do not change."),
     ]
 
 
-def make_config(candidates: int, budget: int, early_step: int, top_m: int, round_size: int):
+#: ``rollout_batch`` when the input is left out (ComfyUI passes no value for an absent optional input)
+ROLLOUT_BATCH_DEFAULT = 1
+
+
+def make_config(candidates: int, budget: int, early_step: int, top_m: int, round_size: int,
+                rollout_batch: int = ROLLOUT_BATCH_DEFAULT):
     """The :class:`VeriLatentConfig` of the nodes' inputs (errors name the node inputs)."""
     from diffusers_ext.errors import EditSteerConfigError
     from diffusers_ext.verilatent import VeriLatentConfig
 
+    if rollout_batch < 0:
+        raise EditSteerConfigError(f"rollout_batch must be >= 0 (0: a whole round at once), got {rollout_batch}")
     if candidates < 1 or budget < 1:
         raise EditSteerConfigError(f"candidates and budget must be at least 1 (got candidates={candidates}, "
                                    f"budget={budget}): at least one starting noise is needed")
@@ -57,7 +70,7 @@ def make_config(candidates: int, budget: int, early_step: int, top_m: int, round
         raise EditSteerConfigError(f"top_m ({top_m}) cannot exceed candidates ({candidates})")
     # a SAMPLER sees latents only (no attention maps): the latent editing map, as the core's "mix" falls back to
     return VeriLatentConfig(n0=candidates, n_max=budget if budget > candidates else None, round_size=round_size,
-                            top_m=top_m, k=early_step, activation="latent")
+                            top_m=top_m, k=early_step, activation="latent", rollout_batch=rollout_batch or None)
 
 
 class EditSteerVeriLatentSampler(io.ComfyNode):
@@ -80,10 +93,10 @@ class EditSteerVeriLatentSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler, candidates, budget, early_step, top_m, round_size, source_latent=None,
-                mask=None) -> io.NodeOutput:
+                mask=None, rollout_batch=ROLLOUT_BATCH_DEFAULT) -> io.NodeOutput:
         from .search_sampler import SearchLog, VeriLatentSampler
 
-        cfg = make_config(candidates, budget, early_step, top_m, round_size)
+        cfg = make_config(candidates, budget, early_step, top_m, round_size, rollout_batch)
         log = SearchLog()
         return io.NodeOutput(VeriLatentSampler(sampler, cfg, source=source_latent, mask=mask, log=log), log)
 
@@ -169,7 +182,7 @@ class EditSteerVeriLatentEdit(io.ComfyNode):
                                tooltip="The noise schedule."),
             ] + search_inputs() + [
                 io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative conditioning, used when cfg is not 1."),
+                                      tooltip="Negative conditioning; required when cfg is not 1 (as in KSampler)."),
             ],
             outputs=[io.Latent.Output(display_name="latent"), io.Int.Output(display_name="nfe"),
                      io.Int.Output(display_name="chosen_seed"), io.String.Output(display_name="report")],
@@ -177,7 +190,8 @@ class EditSteerVeriLatentEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, steps, cfg, sampler_name, scheduler, candidates, budget,
-                early_step, top_m, round_size, source_latent=None, mask=None, negative=None) -> io.NodeOutput:
+                early_step, top_m, round_size, source_latent=None, mask=None, negative=None,
+                rollout_batch=ROLLOUT_BATCH_DEFAULT) -> io.NodeOutput:
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -185,9 +199,17 @@ class EditSteerVeriLatentEdit(io.ComfyNode):
         import latent_preview
         from comfy_api.latest import ui
 
+        from diffusers_ext.errors import EditSteerConfigError
+
         from .search_sampler import SearchLog, VeriLatentSampler
 
-        config = make_config(candidates, budget, early_step, top_m, round_size)
+        if negative is None and not math.isclose(float(cfg), 1.0):
+            # CFGGuider would run with no unconditional prediction and return cond * cfg: a broken image, no error
+            raise EditSteerConfigError(
+                f"cfg is {cfg} but no negative conditioning is connected: classifier-free guidance needs one. "
+                "Connect a negative (e.g. CLIPTextEncode with an empty prompt, or ConditioningZeroOut), or set cfg "
+                "to 1 (guidance-distilled models such as FLUX.1 Kontext [dev] use cfg 1 and a FluxGuidance node)")
+        config = make_config(candidates, budget, early_step, top_m, round_size, rollout_batch)
         log = SearchLog()
         sampler = VeriLatentSampler(comfy.samplers.sampler_object(sampler_name), config, source=source_latent,
                                     mask=mask, log=log)

@@ -6,9 +6,11 @@ own sampler objects.
 processed once) it implements the core's ``CandidateSampler`` protocol:
 
 * ``rollout``: the candidates' noises (candidate ``j`` = the noise ``RandomNoise(seed + j)`` gives; candidate 0 is
-  the NOISE input's own) run the wrapped sampler on ``sigmas[:k+1]`` as one batch; ``x̂0`` of the last early step
-  comes from the sampler callback's ``denoised``;
-* ``finish``: the chosen rows continue on ``sigmas[k:]`` from zero noise. The first call returns
+  the NOISE input's own) run the wrapped sampler on ``sigmas[:k+1]`` in batches of at most ``config.rollout_batch``
+  (ComfyUI loads the model with memory for the batch it was given, one image; ``None``: a whole round at once);
+  ``x̂0`` of the last early step comes from the sampler callback's ``denoised``;
+* ``finish``: the chosen rows continue on ``sigmas[k:]`` from zero noise (in batches of at most
+  ``config.rollout_batch`` as well). The first call returns
   ``x_k`` through the model's ``inverse_noise_scaling`` and the second re-applies ``noise_scaling`` with zero noise,
   as ``KSamplerAdvanced``'s leftover noise does, so a finished candidate equals a straight run of its seed with a
   single-step sampler (euler, heun...); multistep and ancestral samplers restart their history at step k.
@@ -118,8 +120,9 @@ class _ComfyCandidates:
     """The core's ``CandidateSampler`` protocol over one ComfyUI sampling call."""
 
     def __init__(self, base, model_wrap, sigmas, extra_args, noise, latent_image, source_tokens, patch, grid,
-                 progress: _Progress, passes: int):
+                 progress: _Progress, passes: int, batch: int | None = None):
         self.base = base
+        self.batch = batch
         self.model = _CountingModel(model_wrap, passes)
         self.sigmas = sigmas
         self.extra_args = extra_args
@@ -169,8 +172,11 @@ class _ComfyCandidates:
     def finish(self, latents: torch.Tensor, k: int):
         from diffusers_ext.verilatent.search import Finished
 
-        mm.throw_exception_if_processing_interrupted()
-        out, _ = self._run(torch.zeros_like(latents), latents, self.sigmas[k:])
+        outs = []
+        for rows in latents.split(self.batch or latents.shape[0]):  # rollout_batch bounds the finalists' batch too
+            mm.throw_exception_if_processing_interrupted()
+            outs.append(self._run(torch.zeros_like(rows), rows, self.sigmas[k:])[0])
+        out = torch.cat(outs)
         return Finished(output=out, tokens=latent_tokens(out, self.patch))
 
 
@@ -240,7 +246,7 @@ class VeriLatentSampler(comfy.samplers.Sampler):
         grid = (latent_image.shape[-2] // patch, latent_image.shape[-1] // patch)
         total = cfg.max_candidates * cfg.k + min(cfg.top_m, cfg.max_candidates) * (steps - cfg.k)
         sampler = _ComfyCandidates(self.base, model_wrap, sigmas, extra_args, noise, latent_image, source, patch,
-                                   grid, _Progress(callback, total), passes)
+                                   grid, _Progress(callback, total), passes, batch=cfg.rollout_batch)
         result = run_search(sampler, cfg, seed, mask=self.mask)
         self._record(result.report)
         out = result.output

@@ -17,8 +17,9 @@ pytestmark = requires_comfyui
 
 
 def _search_graph(candidates=4, budget=8, early_step=2, top_m=1, round_size=4, seed=0, steps=8,
-                  source_latent: bool = False, upscale_source: bool = False) -> Graph:
-    """The toy edit with its euler sampler wrapped by VeriLatent Sampler, and a report."""
+                  source_latent: bool = False, upscale_source: bool = False, **optional) -> Graph:
+    """The toy edit with its euler sampler wrapped by VeriLatent Sampler, and a report (``optional``: more inputs
+    of the sampler node, e.g. rollout_batch)."""
     g = toy_edit()
     n = {x.type: x for x in g.nodes}
     sca, base, src = n["SamplerCustomAdvanced"], n["KSamplerSelect"], n["VAEEncode"]
@@ -31,7 +32,7 @@ def _search_graph(candidates=4, budget=8, early_step=2, top_m=1, round_size=4, s
         extra["source_latent"] = g.node("LatentUpscaleBy", samples=src[0], upscale_method="nearest-exact",
                                         scale_by=2.0)[0]
     search = g.node("EditSteerVeriLatentSampler", sampler=base[0], candidates=candidates, budget=budget,
-                    early_step=early_step, top_m=top_m, round_size=round_size, **extra)
+                    early_step=early_step, top_m=top_m, round_size=round_size, **extra, **optional)
     sca.inputs["sampler"] = search[0]
     g.node("EditSteerVeriLatentReport", search_log=search[1], latent=sca[0])
     return g
@@ -283,3 +284,105 @@ def test_source_latent_of_another_size_is_a_node_error(comfy, toy_editor_ref):
     assert "latent being sampled has (4, 16, 16)" in r.error["exception_message"]
     _, r = _run(comfy, toy_editor_ref, _search_graph(source_latent=True))
     assert r.success, r.error
+
+
+def _toy_guider(toy_editor_ref, model_wrapper=None):
+    """A CFGGuider over the toy editor as ComfyUI objects (cfg 1), its source latent and 8-step sigmas."""
+    import comfy.samplers
+    from comfy_nodes.flux_toy import load_toy_for_comfy
+    from diffusers_ext.toy import world
+
+    toy = load_toy_for_comfy(toy_editor_ref)
+    case = world.make_case("heldout", seed=0, index=0)
+    src = toy.vae.encode(torch.from_numpy(case.source).float()[None] / 255.0)
+    cond = toy.text_encoder.encode(case.instruction)
+    cond[0][1]["reference_latents"] = [src]
+    model = toy.model.clone()
+    if model_wrapper is not None:
+        model.set_model_unet_function_wrapper(model_wrapper)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": cond})
+    sigmas = comfy.samplers.calculate_sigmas(toy.model.get_model_object("model_sampling"), "simple", 8)
+    return guider, src, sigmas
+
+
+def test_rollout_batch_bounds_every_model_batch_and_does_not_change_the_result(comfy, toy_editor_ref):
+    """ComfyUI reserved memory for a batch of one image: rollout_batch caps the rows of every model call (early
+    steps and finalists), and the search's choice and output are the same for any value."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_nodes.search_sampler import VeriLatentSampler
+    from diffusers_ext.verilatent import VeriLatentConfig
+
+    rows = []
+
+    def count(apply_model, args):  # ComfyUI's own model wrapper hook: sees every call's batch
+        rows.append(int(args["input"].shape[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    guider, src, sigmas = _toy_guider(toy_editor_ref, count)
+    runs = {}
+    for batch in (None, 1, 3):
+        rows.clear()
+        cfg = VeriLatentConfig(n0=4, n_max=8, round_size=4, top_m=2, k=2, activation="latent", tau_easy=1e9,
+                               rollout_batch=batch)
+        sampler = VeriLatentSampler(comfy.samplers.sampler_object("euler"), cfg)
+        out = guider.sample(comfy.sample.prepare_noise(src, 0), src, sampler, sigmas, seed=0)
+        runs[batch] = (out, sampler.log.report, list(rows))
+    assert sorted(set(runs[None][2])) == [2, 4]  # two rounds of 4 at once, then the 2 finalists
+    assert set(runs[1][2]) == {1}
+    assert max(runs[3][2]) == 3 and 1 in runs[3][2]  # 4 = 3 + 1 per round, 2 finalists in one call
+    out0, rep0, rows0 = runs[None]
+    for batch in (1, 3):
+        out, rep, used = runs[batch]
+        assert sum(used) == sum(rows0) == rep.nfe == rep.nfe_measured == 8 * 2 + 2 * 6
+        assert rep.chosen_seeds == rep0.chosen_seeds and rep.seeds == rep0.seeds
+        assert (torch.tensor(rep.scores) - torch.tensor(rep0.scores)).abs().max() < 1e-4
+        assert (out - out0).abs().max() < 1e-5
+
+
+def test_rollout_batch_node_input_reaches_the_search(comfy, toy_editor_ref):
+    import json
+
+    reports = {}
+    for batch in (None, 2):  # None: the input left out of the prompt (older workflows): the default, 1
+        extra = {} if batch is None else {"rollout_batch": batch}
+        api, r = _run(comfy, toy_editor_ref, _search_graph(candidates=4, budget=4, seed=6, **extra))
+        assert r.success, r.error
+        reports[batch] = (json.loads(r.output(node_id(api, "EditSteerVeriLatentReport"), 2)), _latent(r, api))
+    assert reports[None][0]["config"]["rollout_batch"] == 1 and reports[2][0]["config"]["rollout_batch"] == 2
+    assert reports[None][0]["chosen_seeds"] == reports[2][0]["chosen_seeds"]
+    assert (reports[None][1] - reports[2][1]).abs().max() < 1e-5
+
+
+def _edit_graph(cfg: float, negative: bool, **inputs) -> Graph:
+    """The toy edit sampled by the one-node VeriLatent Edit (budget 1 unless ``inputs`` say otherwise); with
+    ``negative`` the positive conditioning is also the negative one (so cfg must not change the result)."""
+    g = toy_edit()
+    n = {x.type: x for x in g.nodes}
+    cond = n["BasicGuider"].inputs["conditioning"]
+    args = dict(model=n["EditSteerToyEditorLoader"][0], positive=cond, latent_image=n["VAEEncode"][0], seed=3,
+                steps=8, cfg=cfg, sampler_name="euler", scheduler="simple", candidates=1, budget=1, early_step=2,
+                top_m=1, round_size=4)
+    args.update(inputs)
+    if negative:
+        args["negative"] = cond
+    edit = g.node("EditSteerVeriLatentEdit", **args)
+    g.node("PreviewImage", images=g.node("VAEDecode", samples=edit[0], vae=n["EditSteerToyEditorLoader"][1])[0])
+    return g
+
+
+def test_one_node_edit_with_cfg_needs_a_negative(comfy, toy_editor_ref):
+    """Without a negative, CFGGuider would return cond * cfg (a broken image, no error): the node refuses, as
+    KSampler's required negative does. With one, guidance runs (negative = positive: the cfg 1 result)."""
+    api, r = _run(comfy, toy_editor_ref, _edit_graph(3.0, negative=False))
+    assert not r.success and r.error["node_type"] == "EditSteerVeriLatentEdit"
+    assert "no negative conditioning is connected" in r.error["exception_message"]
+    results = {}
+    for cfg, neg in ((1.0, False), (3.0, True)):
+        api, r = _run(comfy, toy_editor_ref, _edit_graph(cfg, negative=neg))
+        assert r.success, r.error
+        e = node_id(api, "EditSteerVeriLatentEdit")
+        results[cfg] = (r.output(e, 0)["samples"], r.output(e, 1))
+    assert results[1.0][1] == 8 and results[3.0][1] == 16  # NFE: the negative pass counts
+    assert (results[3.0][0] - results[1.0][0]).abs().max() < 1e-5

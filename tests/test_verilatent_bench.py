@@ -39,6 +39,9 @@ def test_bench_bon_and_verilatent_write_comparable_runs_and_a_report(standin, tm
     assert c["chosen_seed"] in range(single["per_case"][0]["chosen_seed"], single["per_case"][0]["chosen_seed"] + 8)
     assert (runs / "ad" / "cases" / c["id"] / "region.png").is_file()
     assert {"non_model_frac", "verify_frac"} <= set(ad["settings"]["overhead"])
+    ov = ad["settings"]["overhead"]  # the mixed map's attention hooks run inside the transformer: verifier time
+    assert 0 < ov["capture_s"] <= ov["verify_s"] and 0 < c["capture_s"] <= c["verify_s"]
+    assert bon["settings"]["overhead"]["capture_s"] == 0
 
     from diffusers_ext.verilatent import report
 

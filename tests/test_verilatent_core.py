@@ -266,6 +266,31 @@ def test_ksampler_function_prunes_the_batch_like_the_search_loop():
         fn(lambda x, s: m.denoise(x, float(s[0])), x[:3], sigmas)
 
 
+def test_ksampler_function_counts_cfg_passes_and_refuses_an_adaptive_config():
+    """Under CFG one model call per row runs two passes: the NFE says so (formula = rows actually run x passes). An
+    adaptive config cannot run within one batch: it is refused instead of silently running as a fixed budget."""
+    from diffusers_ext.verilatent.search import ksampler_function
+
+    T, k = 8, 2
+    sigmas = torch.linspace(1, 0, T + 1)
+    m = _ToyFlow({1, 2}, 3.0)
+    x = torch.cat([m.noise(s) for s in range(4)])
+    got = {}
+    fn = ksampler_function(VeriLatentConfig.fixed(4, k=k), m.source, to_tokens=lambda t: t, grid=(8, 8),
+                           on_report=lambda r: got.__setitem__("r", r), passes_per_step=2)
+    fn(lambda x, s: m.denoise(x, float(s[0])), x, sigmas)
+    r = got["r"]
+    assert r.passes_per_step == 2 and r.nfe == r.nfe_measured == (4 * k + (T - k)) * 2
+    one = ksampler_function(VeriLatentConfig(), m.source, to_tokens=lambda t: t, passes_per_step=2,
+                            on_report=lambda r: got.__setitem__("one", r))
+    one(lambda x, s: m.denoise(x, float(s[0])), x[:1], sigmas)
+    assert got["one"].nfe == got["one"].nfe_measured == T * 2
+    with pytest.raises(EditSteerConfigError, match="adaptive"):
+        ksampler_function(VeriLatentConfig.adaptive(k=k), m.source)
+    with pytest.raises(EditSteerConfigError, match="passes_per_step"):
+        ksampler_function(VeriLatentConfig.fixed(4), m.source, passes_per_step=0)
+
+
 def test_medoid_ranking_puts_the_majority_first():
     x = torch.zeros(5, 4, 4)
     x[3] += 5.0  # an outlier

@@ -330,3 +330,161 @@ def test_search_drives_a_pipeline_subclass_with_its_own_processors_and_call_argu
         assert all(isinstance(a.processor, _ScaledProcessor) for a in double_stream_attentions(pipe.transformer))
     finally:
         pipe.transformer.set_attn_processor(originals)
+
+
+# ---- stacked on the Inline Critic (critic inside, verifier outside: methods.md §5) --------------------------------
+
+def _critic_kontext(tiny_kontext_dir, mode):
+    """A fresh InlineCriticKontextPipeline on the tiny Kontext weights with a random critic whose steering visibly
+    changes the output; its forward pre-hook appends critic rows to the transformer's text stream."""
+    from diffusers_ext.critic import InlineCritic, InlineCriticKontextPipeline, critic_config_for
+
+    pipe = InlineCriticKontextPipeline.from_pretrained(tiny_kontext_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)
+    critic = InlineCritic(critic_config_for(pipe.transformer, l_in=0, l_c=(1,), mode=mode))
+    g = _gen(0)
+    with torch.no_grad():
+        for a in critic.adapters.values():
+            a.up.copy_(torch.randn(a.up.shape, generator=g) * 2.0)
+    pipe.load_critic(critic, mode=mode)
+    return pipe, critic.config.n_tokens
+
+
+@pytest.mark.parametrize("mode", ["critique", "steer"])
+def test_search_stacked_on_the_inline_critic_resumes_exactly_and_encodes_once(kontext, tiny_kontext_dir, mode):
+    """The critic's pre-hook extends the text stream inside every transformer call; the prompt embeddings reused by
+    later calls must be the pipeline's own (not the extended stream, which would grow by the critic's rows on every
+    call). Critique mode does not change the image, so the whole search equals the search without a critic."""
+    pipe, n_c = _critic_kontext(tiny_kontext_dir, mode)
+    kw = kontext_kwargs(pipe)
+    n_txt = kw["max_sequence_length"]
+    rows, t5 = [], []
+    hooks = [pipe.transformer.register_forward_pre_hook(  # registered after the critic's: sees its rows
+        lambda m, a, k: rows.append(k["encoder_hidden_states"].shape[1]), with_kwargs=True),
+        pipe.text_encoder_2.register_forward_pre_hook(lambda m, a: t5.append(1))]
+    cfg = VeriLatentConfig.fixed(4, k=2)  # the default mixed map: the critic's rows are no instruction tokens
+    try:
+        out = VeriLatentSearch(pipe, cfg)(**kw, seed=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    r = out.report
+    assert set(rows) == {n_txt + n_c} and len(t5) == 1
+    straight = pipe(**kw, generator=_gen(r.chosen_seeds[0])).images[0]
+    assert np.abs(out.images[0] - straight).max() <= 1e-5
+    if mode == "critique":
+        ref = VeriLatentSearch(kontext, cfg)(**kw, seed=5)  # the same weights, no critic
+        assert r.chosen_seeds == ref.report.chosen_seeds
+        assert np.allclose(r.scores, ref.report.scores, atol=1e-6)
+        assert np.abs(out.images[0] - ref.images[0]).max() <= 1e-5
+    assert np.array_equal(VeriLatentSearch(pipe)(**kw, generator=_gen(3)).images,
+                          pipe(**kw, generator=_gen(3)).images)
+
+
+def _text_qwen_class(base):
+    """``base`` (a Qwen edit pipeline class) with a stand-in for the Qwen2.5-VL text encoder (the tiny pipeline has
+    none): deterministic padded embeddings per prompt, counting how often a prompt is encoded."""
+
+    class TextQwen(base):
+        encoded: list = []
+
+        def _get_qwen_prompt_embeds(self, prompt, image=None, device=None, dtype=None):
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            type(self).encoded.extend(prompt)
+            seed = sum(map(ord, prompt[0]))
+            g = _gen(seed)
+            emb = torch.randn(len(prompt), 7, 16, generator=g)
+            mask = torch.ones(len(prompt), 7, dtype=torch.long)
+            mask[:, 5:] = 0
+            return emb, mask
+
+    return TextQwen
+
+
+def test_qwen_encodes_the_prompts_once_per_search_and_stacks_on_the_critic(qwen):
+    """Qwen-Image-Edit reuses what encode_prompt returned (prompt and negative, with their masks) from the second
+    call on, also with the Inline Critic's hook extending the text stream and its mask; results stay exact."""
+    from diffusers_ext.critic import InlineCritic, InlineCriticQwenEditPipeline, critic_config_for
+
+    cls = _text_qwen_class(InlineCriticQwenEditPipeline)
+    pipe = cls(**qwen.components)
+    pipe.set_progress_bar_config(disable=True)
+    kw = qwen_kwargs(steps=5, true_cfg=4.0)
+    for name in ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"):
+        kw.pop(name)
+    kw.update(prompt="make the square red", negative_prompt="blurry")
+    cfg = VeriLatentConfig.adaptive(k=2, n_max=8, **HARD)
+    cls.encoded.clear()
+    ref = VeriLatentSearch(pipe, cfg)(**kw, seed=4)  # no critic loaded yet
+    assert cls.encoded == ["make the square red", "blurry"]  # once each, for 3 pipeline calls
+    assert ref.report.passes_per_step == 2 and ref.report.nfe == ref.report.nfe_measured == (8 * 2 + 3) * 2
+    torch.manual_seed(0)
+    pipe.load_critic(InlineCritic(critic_config_for(pipe.transformer, l_in=0, l_c=(1,), mode="critique")))
+    try:
+        out = VeriLatentSearch(pipe, cfg)(**kw, seed=4)
+        straight = pipe(**kw, generator=_gen(out.report.chosen_seeds[0])).images[0]
+    finally:
+        pipe.unload_critic()
+    assert np.abs(out.images[0] - straight).max() <= 1e-5
+    assert out.report.chosen_seeds == ref.report.chosen_seeds
+    assert np.allclose(out.report.scores, ref.report.scores, atol=1e-6)
+    assert np.abs(out.images[0] - ref.images[0]).max() <= 1e-5
+    assert "encode_prompt" not in pipe.__dict__  # the recording wrapper is gone
+
+
+# ---- budget 1: the step-k map is optional -------------------------------------------------------------------------
+
+def test_budget_one_stays_the_plain_pipeline_when_no_step_k_map_can_be_made(kontext):
+    """FluxKontextPipeline renders at height x width whatever the source's aspect, and runs without an image: the
+    plain call works, so budget 1 must too (no map, the reason in the report). A search needs the map: clear error."""
+    wide = kontext_kwargs(kontext, height=32, width=64, max_area=32 * 64)  # a 32x32 source, a 32x64 output
+    no_image = {k: v for k, v in kontext_kwargs(kontext).items() if k != "image"}
+    for kw, why in ((wide, "differ in aspect"), (no_image, "source image's latent tokens")):
+        plain = kontext(**kw, generator=_gen(0)).images
+        out = VeriLatentSearch(kontext)(**kw, generator=_gen(0))
+        assert np.array_equal(out.images, plain)
+        assert out.report.maps() == {} and len(out.report.notes) == 1 and why in out.report.notes[0]
+        assert out.report.to_json()["notes"] == out.report.notes and out.report.nfe == out.report.nfe_measured == 6
+    with pytest.raises(EditSteerConfigError, match="pass height= and width="):
+        VeriLatentSearch(kontext, VeriLatentConfig.fixed(2, k=2))(**wide, seed=0)
+    # a mask that does not fit the grid only costs the map at budget 1
+    kw = kontext_kwargs(kontext)
+    out = VeriLatentSearch(kontext)(**kw, generator=_gen(1), mask=np.ones((30, 30)))
+    assert np.array_equal(out.images, kontext(**kw, generator=_gen(1)).images)
+    assert "mask of size" in out.report.notes[0]
+
+
+# ---- verifier time ------------------------------------------------------------------------------------------------
+
+def test_attention_recomputation_inside_the_model_call_counts_as_verifier_time(kontext, monkeypatch):
+    """The mixed map's text->image attention is recomputed in hooks inside the transformer's forward: it is verifier
+    work, so the report's verify_s includes it (capture_s) and a model timer can take it out of model time."""
+    import time
+
+    from diffusers_ext.verilatent import attention as att_mod
+    from diffusers_ext.verilatent.bench import ModelTimer
+
+    delay, calls = 0.05, []
+    real = att_mod.text_to_image_attention
+
+    def slow(*a, **k):  # the real computation, made measurably slow
+        calls.append(1)
+        time.sleep(delay)
+        return real(*a, **k)
+
+    monkeypatch.setattr(att_mod, "text_to_image_attention", slow)
+    timer = ModelTimer(kontext)
+    try:
+        r = VeriLatentSearch(kontext, VeriLatentConfig.fixed(2, k=2, activation="mix"))(
+            **kontext_kwargs(kontext, output_type="latent"), seed=0).report
+    finally:
+        timer.close()
+    hooked = len(calls) * delay
+    assert len(calls) == 2  # one double-stream block, k = 2 conditional passes
+    assert hooked <= r.capture_s <= r.verify_s < r.wall_s
+    assert timer.seconds - r.capture_s < 0.5 * hooked  # what is left is the model's own time
+    assert r.to_json()["capture_s"] == r.capture_s
+    lat = VeriLatentSearch(kontext, VeriLatentConfig.fixed(2, k=2, activation="latent"))(
+        **kontext_kwargs(kontext, output_type="latent"), seed=0).report
+    assert lat.capture_s == 0.0 and len(calls) == 2

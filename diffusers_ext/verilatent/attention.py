@@ -8,6 +8,8 @@ No processor is replaced, so the capture stacks with any processor already insta
 included): forward hooks read the post-norm queries/keys (``attn.norm_q``, ``norm_k``, ``norm_added_q``,
 ``norm_added_k``) and a pre-hook on the attention module reads the rotary embedding and text mask; the probabilities
 are recomputed from those (RoPE applied with diffusers' own functions). The output of the model is untouched.
+The hooks run inside the transformer's forward; the time they take is kept in ``seconds`` so that it is reported as
+verifier time, not model time.
 
 Example::
 
@@ -20,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -48,6 +51,8 @@ class AttentionCapture:
         self.steps = 0
         self.acc: torch.Tensor | None = None
         self._cur: dict = {}
+        self.text_rows: int | None = None
+        self.seconds = 0.0  # time spent in the hooks (inside model calls)
 
     # -- installation ----------------------------------------------------------------------------------------------
     def install(self, transformer, state) -> None:
@@ -75,8 +80,11 @@ class AttentionCapture:
     def stop(self) -> None:
         self.active, self.limit_steps = False, 0
 
-    def on_forward(self, step_calls: int) -> None:
-        """Called before every transformer pass with the pass's index within its step (1 = conditional pass)."""
+    def on_forward(self, step_calls: int, text_rows: int | None = None) -> None:
+        """Called before every transformer pass with the pass's index within its step (1 = conditional pass) and
+        the number of the pipeline's own text tokens (rows other hooks append after them, e.g. the Inline Critic's,
+        are left out of the map; ``None``: every text row)."""
+        self.text_rows = text_rows
         if self.limit_steps == 0:
             self.active = False
             return
@@ -90,24 +98,29 @@ class AttentionCapture:
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _pre_attn(self, module, args, kwargs):
         if self.active:
+            t0 = time.perf_counter()
             self._cur = {"rope": kwargs.get("image_rotary_emb"), "mask": kwargs.get("encoder_hidden_states_mask")}
+            self.seconds += time.perf_counter() - t0
         return None
 
     def _grab(self, name):
         def hook(module, args, output):
             if self.active:
+                t0 = time.perf_counter()
                 self._cur[name] = output.detach()
+                self.seconds += time.perf_counter() - t0
         return hook
 
     def _post_attn(self, module, args, kwargs_or_out, *rest):
         if not self.active:
             return None
+        t0 = time.perf_counter()
         cur, self._cur = self._cur, {}
-        if not all(n in cur for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
-            return None  # the processor did not go through the QK norms: nothing to read
-        amap = text_to_image_attention(cur["norm_added_q"], cur["norm_added_k"], cur["norm_k"], cur.get("rope"),
-                                       cur.get("mask"))
-        self.acc = amap if self.acc is None else self.acc + amap
+        if all(n in cur for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")):  # else: nothing to read
+            amap = text_to_image_attention(cur["norm_added_q"], cur["norm_added_k"], cur["norm_k"], cur.get("rope"),
+                                           cur.get("mask"), text_rows=self.text_rows)
+            self.acc = amap if self.acc is None else self.acc + amap
+        self.seconds += time.perf_counter() - t0
         return None
 
 
@@ -132,12 +145,17 @@ def _rope(q_txt, k_txt, k_img, rope):
 
 @torch.no_grad()
 def text_to_image_attention(q_txt: torch.Tensor, k_txt: torch.Tensor, k_img: torch.Tensor, rope=None,
-                            text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                            text_mask: torch.Tensor | None = None, text_rows: int | None = None) -> torch.Tensor:
     """Mean attention of text queries to each image key, [B, L_img]. Inputs [B, L, H, D] (post-norm, pre-RoPE).
 
-    Computed one head at a time so that memory stays at B x L_txt x (L_txt + L_img) floats.
+    ``text_rows``: only the first ``text_rows`` text tokens (the instruction's) are used, as queries and as keys;
+    rows appended after them by other hooks (the Inline Critic's) are left out. Computed one head at a time so that
+    memory stays at B x L_txt x (L_txt + L_img) floats.
     """
-    q_txt, k_txt, k_img = _rope(q_txt, k_txt, k_img, rope)
+    q_txt, k_txt, k_img = _rope(q_txt, k_txt, k_img, rope)  # RoPE positions cover every text row: apply, then cut
+    if text_rows is not None and text_rows < q_txt.shape[1]:
+        q_txt, k_txt = q_txt[:, :text_rows], k_txt[:, :text_rows]
+        text_mask = None if text_mask is None else text_mask[:, :text_rows]
     b, lt, h, d = q_txt.shape
     keys = torch.cat([k_txt, k_img], dim=1).float()
     q = q_txt.float()

@@ -41,7 +41,7 @@ class VeriLatentConfig:
         ``round_size``: candidates drawn by each further round. ``top_m``: finalists continued to the last step
         (the best-scored first). ``k``: early steps every candidate runs before it is judged (1 <= k < T).
         ``rollout_batch``: the most candidates denoised in one batch (``None``: a whole round at once); lower it to
-        bound memory on large models, the results do not change.
+        bound memory on large models, the results do not change (up to float rounding of batched kernels).
 
     Editing activation map (over target latent tokens)
         ``activation``: ``"latent"`` (A_p = ||x0_hat[p] - z_src[p]||_2 over channels), ``"attention"`` (attention
@@ -49,7 +49,9 @@ class VeriLatentConfig:
         (``(1 - attention_weight) * latent + attention_weight * attention`` after normalisation; the latent map
         alone where no attention is captured, e.g. at sampler level).
         ``attention_layers``: indices of the double-stream blocks whose attention is averaged (``None``: all).
-        ``normalise``: ``"max"`` (A / max_p A) or ``"softmax"`` (softmax(A / temperature) * L, mean 1).
+        ``normalise``: ``"max"`` (A / max_p A) or ``"softmax"`` (exp((A - max_p A) / (temperature * max_p A)), i.e.
+        a softmax over tokens at a temperature relative to the peak, rescaled to max 1: it sharpens the map; both
+        give maps in [0, 1] with max 1, see :func:`.core.normalise_map`).
 
     Expected region R
         ``region``: ``"consensus"`` (the candidates' normalised maps averaged; ``consensus="contrast"`` weighs each
@@ -68,6 +70,15 @@ class VeriLatentConfig:
         default of the map in use, :data:`TAU_EASY_DEFAULT`), the best beats the median
         candidate by ``tau_margin`` and the candidates' maps agree with their consensus (mean cosine) at least
         ``tau_agreement``; an easy edit (or a search at ``n_max``) stops and finishes its ``top_m`` best.
+
+        ``tau_margin`` and ``tau_agreement`` are **off by default**: at 0 they can never make an edit hard, since
+        the top-1 minus median gap is >= 0 and the cosine of two non-negative maps is >= 0. So by default "hard"
+        means a low best score only, which is the budget rule of methods.md §3.4.6 ("if max S >= tau_easy keep
+        top-1 and finish it; else draw further batches"); the section's other two difficulty signals (a small
+        top-1 - median gap, a high map dispersion) are opt-in thresholds here. They are reported either way
+        (``SearchReport.round_one`` / ``difficulty``: ``margin``, ``agreement``). Set them > 0 only after
+        calibrating them for the model (``python -m diffusers_ext.verilatent.calibrate sweep`` replays agreement
+        thresholds at quantiles of the recorded values); changing them changes the benchmark numbers.
     """
 
     n0: int = 1

@@ -6,8 +6,11 @@ generators and ``output_type="latent"``, stopped after step k by ``callback_on_s
 ones continue in a second call with ``latents=`` and ``sigmas=full[k:]``. The predicted clean latent is recovered
 from the step itself (x̂0 = x_k - sigma_k v with v = (x_k - x_{k-1}) / (sigma_k - sigma_{k-1})), and the source
 latent tokens are read from the transformer's input (condition tokens follow the noisy ones), so no candidate is
-ever decoded and no model pass is added. The pipeline's scheduler state, interrupt flag and hooks are restored on
-every exit, errors included.
+ever decoded and no model pass is added. The prompt embeddings (and, for Kontext, the source image's latents) that
+the first call computes are passed to the later calls (``prompt_embeds=``...); they are taken from what
+``pipe.encode_prompt`` returned, not from the transformer's input, which hooks such as the Inline Critic's extend.
+The pipeline's scheduler state, interrupt flag, hooks and wrapped methods are restored on every exit, errors
+included.
 
 Example::
 
@@ -91,11 +94,27 @@ class _PipelineState:
         self.scheduler_state = dict(vars(pipe.scheduler))
         self.call_state = {k: pipe.__dict__.get(k, _MISSING) for k in _CALL_STATE}
         self.handles: list = []
+        self.patched: dict[str, Any] = {}
+
+    def patch(self, name: str, fn) -> None:
+        """Shadow the pipeline's method ``name`` with ``fn`` (an instance attribute, so ``self.name(...)`` inside
+        ``__call__`` finds it) until :meth:`unpatch` or :meth:`restore`."""
+        self.patched.setdefault(name, self.pipe.__dict__.get(name, _MISSING))
+        self.pipe.__dict__[name] = fn
+
+    def unpatch(self) -> None:
+        for name, v in self.patched.items():
+            if v is _MISSING:
+                self.pipe.__dict__.pop(name, None)
+            else:
+                self.pipe.__dict__[name] = v
+        self.patched.clear()
 
     def restore(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.unpatch()
         d = vars(self.scheduler)
         d.clear()
         d.update(self.scheduler_state)
@@ -107,19 +126,26 @@ class _PipelineState:
 
 
 class _Tap:
-    """A forward pre-hook on the transformer: the latest input tokens, the NFE (rows per pass) and the grid info."""
+    """A forward pre-hook on the transformer: the latest input tokens, the NFE (rows per pass) and the grid info.
+
+    It runs before any other pre-hook (``prepend=True``), so it reads the pipeline's own inputs: other hooks may
+    extend them (the Inline Critic appends rows to the text stream), and ``text_rows`` is the number of the
+    pipeline's own text tokens, handed to the listeners (the attention map reads those rows only). ``seconds``: the
+    time spent in this hook (verifier work, outside the model's forward since the hook runs first)."""
 
     def __init__(self, transformer, state: _PipelineState):
         self.x_in: torch.Tensor | None = None
         self.calls = 0
         self.nfe = 0
         self.first_kwargs: dict | None = None
-        self.text_kwargs: list[dict] = []
         self.step_calls = 0
+        self.text_rows: int | None = None
         self.listeners: list = []
-        state.handles.append(transformer.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.seconds = 0.0
+        state.handles.append(transformer.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True))
 
     def _pre(self, module, args, kwargs):
+        t0 = time.perf_counter()
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if hs is None:
             return None
@@ -127,12 +153,13 @@ class _Tap:
         self.calls += 1
         self.step_calls += 1
         self.nfe += int(hs.shape[0])
+        ehs = kwargs.get("encoder_hidden_states")
+        self.text_rows = int(ehs.shape[1]) if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else None
         if self.first_kwargs is None:
             self.first_kwargs = {"img_ids": kwargs.get("img_ids"), "img_shapes": kwargs.get("img_shapes")}
-        if len(self.text_kwargs) < 2 and self.calls <= 2:  # the first step's passes: conditional, then negative
-            self.text_kwargs.append({k: kwargs.get(k) for k in ("encoder_hidden_states", "pooled_projections")})
         for fn in self.listeners:
-            fn(self.step_calls)
+            fn(self.step_calls, self.text_rows)
+        self.seconds += time.perf_counter() - t0
         return None
 
 
@@ -179,7 +206,9 @@ def _source_tokens(x_in: torch.Tensor, n_target: int, tgt: tuple, src: tuple | N
     if abs(src[1] / src[0] - tgt[1] / tgt[0]) > 0.05:
         raise EditSteerConfigError(
             f"the output's token grid {tgt[0]}x{tgt[1]} and the source image's {src[0]}x{src[1]} differ in aspect: "
-            "VeriLatent compares them token by token; edit at the source's aspect ratio")
+            "VeriLatent compares them token by token, so edit at the source's aspect ratio: pass height= and width= "
+            "with the source image's aspect (FluxKontextPipeline renders 1024x1024 unless told, whatever the "
+            "input's shape)")
     grid = tokens.float().reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
     grid = torch.nn.functional.interpolate(grid, size=tgt, mode="area")
     return grid.permute(0, 2, 3, 1).reshape(n_target, -1).to(tokens.dtype)
@@ -198,12 +227,37 @@ class _UserCallback:
         return kw if out is None else out
 
 
+def _encoding_fields(pipe) -> tuple[tuple[str, str], tuple[str, str], bool] | None:
+    """How a pipeline takes back what its ``encode_prompt`` returned: the keyword names of (embeddings, second
+    output) for the prompt and for the negative prompt, and whether the source image can be passed as latents.
+    ``None``: a pipeline family whose encodings VeriLatent does not reuse (each call encodes again, still exact)."""
+    from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+
+    if isinstance(pipe, FluxKontextPipeline):
+        return (("prompt_embeds", "pooled_prompt_embeds"),
+                ("negative_prompt_embeds", "negative_pooled_prompt_embeds"), True)
+    qwen: tuple = (QwenImageEditPipeline,)
+    try:
+        from diffusers import QwenImageEditPlusPipeline
+
+        qwen += (QwenImageEditPlusPipeline,)
+    except ImportError:  # older diffusers
+        pass
+    if isinstance(pipe, qwen):
+        # the Qwen edit pipelines size the output and the prompt image from a PIL `image`: it cannot be passed as
+        # latents, so the VAE encodes the source once per call (the text encoder, the costly part, runs once)
+        return (("prompt_embeds", "prompt_embeds_mask"),
+                ("negative_prompt_embeds", "negative_prompt_embeds_mask"), False)
+    return None
+
+
 class PipelineSampler:
     """:class:`~.search.CandidateSampler` over one diffusers edit call (see the module docstring)."""
 
     def __init__(self, pipe, call_kwargs: dict, state: _PipelineState, *, generator=None,
                  attention=None, reuse_encodings: bool = True):
         self.pipe = pipe
+        self.state = state
         self.kwargs = dict(call_kwargs)
         self.user_generator = generator
         self.user_callback = self.kwargs.pop("callback_on_step_end", None)
@@ -224,16 +278,27 @@ class PipelineSampler:
             attention.install(pipe.transformer, state)
             self.tap.listeners.append(attention.on_forward)
         self.passes_per_step = 1
-        self.overhead_s = 0.0
+        self._overhead_s = 0.0
         self.schedule: torch.Tensor | None = None
         self.base_seed: int | None = None
         self.interrupted = False
         self.reuse = reuse_encodings
         self.reused = False
+        self.notes: list[str] = []
 
     @property
     def nfe_measured(self) -> int:
         return self.tap.nfe
+
+    @property
+    def overhead_s(self) -> float:
+        """Verifier time outside model calls: the step callbacks, the encodings' bookkeeping and the input tap."""
+        return self._overhead_s + self.tap.seconds
+
+    @property
+    def capture_s(self) -> float:
+        """Verifier time spent inside model calls (the attention capture hooks, within the transformer's forward)."""
+        return self.attention.seconds if self.attention is not None else 0.0
 
     def _generator(self, seed: int):
         if self.user_generator is not None and seed == self.base_seed:
@@ -245,38 +310,65 @@ class PipelineSampler:
         h, w = self.kwargs.get("height"), self.kwargs.get("width")
         return (w / h) if h and w else 1.0
 
-    def _reuse_encodings(self, n_target: int) -> None:
-        """After the first rollout of a Kontext-family pipeline, pass the prompt embeddings and the source image
-        latents it computed to every later call (``prompt_embeds=``, ``pooled_prompt_embeds=``, negatives, and
-        ``image=`` as latents, ecosystem.md §1.8), so that the text encoders and the VAE encoder run once per edit.
-        The values are the ones the pipeline computed itself, so later calls see bit-identical inputs."""
-        from diffusers import FluxKontextPipeline
+    def _observe(self, x_in: torch.Tensor, latents: torch.Tensor, sigma_prev: float, sigma_next: float):
+        """x̂0 of the step that took the transformer input ``x_in`` to ``latents``, the token grid and the source
+        tokens aligned with it (raises :class:`EditSteerError` when the source cannot be compared)."""
+        n_target = latents.shape[1]
+        x0 = predicted_clean(x_in[:, :n_target], latents, sigma_prev, sigma_next)
+        tgt, src = _grids(self.tap.first_kwargs, n_target, x_in.shape[1], self._aspect())
+        return x0, tgt, _source_tokens(x_in, n_target, tgt, src)
 
-        if self.reused or not isinstance(self.pipe, FluxKontextPipeline):
-            return
+    # -- encodings computed once ---------------------------------------------------------------------------------
+    def _record_encodings(self) -> dict | None:
+        """Before the first rollout: wrap ``pipe.encode_prompt`` (and, for Kontext, ``pipe._encode_vae_image``) so
+        that what they return is kept; unwrapped right after that call."""
+        fields = _encoding_fields(self.pipe) if self.reuse and not self.reused else None
+        if fields is None:
+            return None
+        rec: dict[str, list] = {"encode_prompt": [], "_encode_vae_image": []}
+        names = ["encode_prompt"] + (["_encode_vae_image"] if fields[2] else [])
+        for name in names:
+            orig = getattr(self.pipe, name, None)
+            if orig is None:
+                continue
+
+            def recorder(*a, _orig=orig, _out=rec[name], **k):
+                out = _orig(*a, **k)
+                _out.append(out)
+                return out
+
+            self.state.patch(name, recorder)
+        return rec
+
+    def _reuse_encodings(self, rec: dict) -> None:
+        """After the first rollout, pass the prompt embeddings (and negatives) that ``encode_prompt`` returned in it,
+        and for Kontext the source image's latents, to every later call (ecosystem.md §1.8), so that the text
+        encoders and the VAE encoder run once per edit. They are the values the pipeline computed itself (taken
+        from the encoder's return value, not from the transformer's input, which other hooks may extend), so later
+        calls see bit-identical inputs. Anything unexpected (another number of encode calls than passes per step,
+        another return shape) leaves the calls as they were: they encode again."""
         self.reused = True
-        tk, x_in = self.tap.text_kwargs, self.tap.x_in
-        if not tk or tk[0]["encoder_hidden_states"] is None or tk[0]["pooled_projections"] is None:
+        pos, neg, image_ok = _encoding_fields(self.pipe)
+        calls = rec["encode_prompt"]
+        if len(calls) != self.passes_per_step or len(calls) > 2:
             return
-        kw = self.kwargs
-        new = {"prompt_embeds": tk[0]["encoder_hidden_states"][:1],
-               "pooled_prompt_embeds": tk[0]["pooled_projections"][:1]}
-        if self.passes_per_step == 2:
-            if len(tk) < 2 or tk[1]["encoder_hidden_states"] is None:
+        new: dict[str, Any] = {}
+        for out, (emb_name, extra_name) in zip(calls, (pos, neg)):
+            if not isinstance(out, tuple) or len(out) < 2 or not isinstance(out[0], torch.Tensor):
                 return
-            new.update(negative_prompt_embeds=tk[1]["encoder_hidden_states"][:1],
-                       negative_pooled_prompt_embeds=tk[1]["pooled_projections"][:1])
-        _, src = _grids(self.tap.first_kwargs, n_target, x_in.shape[1], self._aspect())
-        c = getattr(self.pipe, "latent_channels", None)
-        image = kw.get("image")
-        if src is not None and c and not (isinstance(image, torch.Tensor) and image.shape[1] == c):
-            tokens = x_in[:1, n_target:n_target + src[0] * src[1]]
-            if tokens.shape[-1] == 4 * c and x_in.shape[1] == n_target + src[0] * src[1]:
-                kw["image"] = tokens.reshape(1, src[0], src[1], c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
-                    1, c, 2 * src[0], 2 * src[1])
+            emb, extra = out[0][:1], out[1]
+            if extra is None and extra_name.endswith("mask"):  # Qwen returns an all-valid mask as None
+                extra = torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device)
+            if not isinstance(extra, torch.Tensor):
+                return
+            new[emb_name], new[extra_name] = emb, extra[:1]
+        images = rec["_encode_vae_image"]
+        if image_ok and len(images) == 1 and isinstance(images[0], torch.Tensor) and images[0].shape[0] == 1 \
+                and images[0].dtype == new[pos[0]].dtype:  # prepare_latents casts image= to the embeddings' dtype
+            new["image"] = images[0]
         for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
-            kw.pop(name, None)
-        kw.update(new)
+            self.kwargs.pop(name, None)
+        self.kwargs.update(new)
 
     def _attention_map(self, n_target: int) -> torch.Tensor | None:
         if self.attention is None:
@@ -301,16 +393,11 @@ class PipelineSampler:
                 self.passes_per_step = max(1, self.tap.step_calls)
             self.tap.step_calls = 0
             if i == k - 1:
-                lat = kw["latents"]
-                n_target = lat.shape[1]
                 sig, si = p.scheduler.sigmas, p.scheduler.step_index
-                x_prev = self.tap.x_in[:, :n_target]
-                cap["x0"] = predicted_clean(x_prev, lat, float(sig[si - 1]), float(sig[si]))
-                tgt, src = _grids(self.tap.first_kwargs, n_target, self.tap.x_in.shape[1], self._aspect())
-                cap["grid"] = tgt
-                cap["source"] = _source_tokens(self.tap.x_in, n_target, tgt, src)
+                cap["x0"], cap["grid"], cap["source"] = self._observe(
+                    self.tap.x_in, kw["latents"], float(sig[si - 1]), float(sig[si]))
                 self.schedule = sig.detach().clone()
-            self.overhead_s += time.perf_counter() - t0
+            self._overhead_s += time.perf_counter() - t0
             kw = user(p, i, t, kw)
             if p._interrupt:
                 raise SearchInterrupted("interrupted by the user's callback while judging candidates")
@@ -319,17 +406,22 @@ class PipelineSampler:
                 p._interrupt = True  # the rest of the loop makes no model call
             return kw
 
-        pipe(**self.kwargs, **self.schedule_kwargs, generator=[self._generator(s) for s in seeds],
-             num_images_per_prompt=len(seeds),
-             callback_on_step_end=callback, callback_on_step_end_tensor_inputs=self.tensor_inputs,
-             output_type="latent", return_dict=True)
+        rec = self._record_encodings()
+        try:
+            pipe(**self.kwargs, **self.schedule_kwargs, generator=[self._generator(s) for s in seeds],
+                 num_images_per_prompt=len(seeds),
+                 callback_on_step_end=callback, callback_on_step_end_tensor_inputs=self.tensor_inputs,
+                 output_type="latent", return_dict=True)
+        finally:
+            if rec is not None:
+                self.state.unpatch()
         if "latents" not in cap:
             raise EditSteerError(f"{type(pipe).__name__} stopped before step {k}: no candidate state to judge")
         t0 = time.perf_counter()
         att = self._attention_map(cap["x0"].shape[1])
-        if self.reuse:
-            self._reuse_encodings(cap["x0"].shape[1])
-        self.overhead_s += time.perf_counter() - t0
+        if rec is not None:
+            self._reuse_encodings(rec)
+        self._overhead_s += time.perf_counter() - t0
         return Rollout(cap["latents"], cap["x0"], cap["source"], att, cap["grid"])
 
     # -- continuation ----------------------------------------------------------------------------------------------
@@ -364,7 +456,11 @@ class PipelineSampler:
 
     # -- budget 1 ----------------------------------------------------------------------------------------------------
     def single(self, seed: int, k: int) -> tuple[Finished, Rollout | None]:
-        """The plain call, untouched; the step-k prediction is read on the way (no extra model pass)."""
+        """The plain call, untouched; the step-k prediction is read on the way (no extra model pass).
+
+        The step-k map is a by-product here: when it cannot be made (the output's token grid and the source's differ
+        in aspect, no source image, no attention captured...) the run still returns the plain result, with no map
+        and the reason in ``notes`` (the parity rule, methods.md §5)."""
         pipe, cap = self.pipe, {}
         user = _UserCallback(self.user_callback)
         observe = 1 <= k < self.num_steps
@@ -373,16 +469,11 @@ class PipelineSampler:
             t0 = time.perf_counter()
             if i == 0:
                 self.passes_per_step = max(1, self.tap.step_calls)
-            if observe and i == k - 1:
-                lat = kw["latents"]
-                n_target = lat.shape[1]
+            if observe and i == k - 1:  # keep the raw tensors only; nothing here may fail the plain run
                 sig, si = p.scheduler.sigmas, p.scheduler.step_index
-                cap["x0"] = predicted_clean(self.tap.x_in[:, :n_target], lat, float(sig[si - 1]), float(sig[si]))
-                tgt, src = _grids(self.tap.first_kwargs, n_target, self.tap.x_in.shape[1], self._aspect())
-                cap["grid"], cap["latents"] = tgt, lat
-                cap["source"] = _source_tokens(self.tap.x_in, n_target, tgt, src)
+                cap.update(x_in=self.tap.x_in, latents=kw["latents"], sigmas=(float(sig[si - 1]), float(sig[si])))
             self.tap.step_calls = 0
-            self.overhead_s += time.perf_counter() - t0
+            self._overhead_s += time.perf_counter() - t0
             kw = user(p, i, t, kw)
             if p._interrupt:
                 self.interrupted = True
@@ -394,9 +485,15 @@ class PipelineSampler:
                    callback_on_step_end=callback, callback_on_step_end_tensor_inputs=self.tensor_inputs,
                    output_type=self.output_type, return_dict=True)
         ro = None
-        if "x0" in cap:
-            att = self._attention_map(cap["x0"].shape[1])
-            ro = Rollout(cap["latents"], cap["x0"], cap["source"], att, cap["grid"])
+        if "x_in" in cap:
+            t0 = time.perf_counter()
+            try:
+                x0, grid, source = self._observe(cap["x_in"], cap["latents"], *cap["sigmas"])
+                ro = Rollout(cap["latents"], x0, source, self._attention_map(x0.shape[1]), grid)
+            except EditSteerError as e:
+                self.notes.append(f"no step-{k} map for this budget-1 run (the image is the plain pipeline's): {e}")
+                logger.info("VeriLatent: %s", self.notes[-1])
+            self._overhead_s += time.perf_counter() - t0
         return Finished(out.images), ro
 
 

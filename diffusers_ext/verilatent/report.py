@@ -156,8 +156,8 @@ def markdown(summary: dict) -> str:
                          f"{'met' if t['success_at_least_strongest_bon8'] else 'not met'}")
         lines.append("- NFE by bucket: " + ", ".join(f"{b} {_fmt(v, 1)}" for b, v in t["nfe_by_bucket"].items())
                      + f" ({'differs' if t['nfe_differs_by_bucket'] else 'does not differ'})")
-        lines.append(f"- verifier time (maps, region, score, policy, x0 capture) {100 * (t['verify_frac'] or 0):.2f} % "
-                     f"of wall ({'met' if t['verify_under_2pct'] else 'not met'}: < 2 %); all time outside model "
+        lines.append("- verifier time (maps, region, score, policy, x0 and attention capture) "
+                     f"{100 * (t['verify_frac'] or 0):.2f} % of wall ({'met' if t['verify_under_2pct'] else 'not met'}: < 2 %); all time outside model "
                      f"calls {100 * (t['non_model_frac'] or 0):.1f} % "
                      f"({'met' if t['non_model_under_2pct'] else 'not met'}: < 2 %)"
                      + (f", the plain pipeline's own {100 * t['single_non_model_frac']:.1f} %"

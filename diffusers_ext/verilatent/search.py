@@ -34,6 +34,12 @@ candidate noises. It exposes:
 ``single(seed: int, k: int) -> tuple[Finished, Rollout | None]`` (optional)
     A straight T-step run of one seed, exactly as the plain sampler would run it (budget 1), optionally reporting
     the step-k prediction it saw on the way (no extra model passes). Without it, budget 1 runs rollout + finish.
+    The step-k map is optional at budget 1: a sampler that cannot make it returns ``None`` (and may say why in a
+    ``notes`` list attribute); it must never fail the plain run for it.
+
+Optional attributes read after the search: ``nfe_measured`` (model rows actually run), ``overhead_s`` (verifier work
+done by the sampler outside model calls), ``capture_s`` (verifier work done inside model calls, e.g. attention
+capture hooks), ``notes`` (list of strings copied into the report).
 
 Everything else (maps, region, score, difficulty, budget rounds, NFE) is done here and in :mod:`.core`.
 
@@ -54,6 +60,7 @@ Example (a plain Euler flow loop over any ``denoise(x, sigma) -> x̂0``)::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +71,8 @@ import torch
 from ..errors import EditSteerConfigError, EditSteerError
 from . import core
 from .config import VeriLatentConfig
+
+logger = logging.getLogger(__name__)
 
 
 class SearchInterrupted(EditSteerError):
@@ -119,6 +128,8 @@ class SearchReport:
     nfe_measured: int | None = None
     wall_s: float = 0.0
     verify_s: float = 0.0  # time in the verifier (maps, region, scores, policy) and the samplers' capture code
+    capture_s: float = 0.0  # the part of verify_s spent inside model calls (capture hooks), timed as model time
+    notes: list[str] = field(default_factory=list)  # what the search could not do, and why (e.g. no step-k map)
     interrupted: bool = False
     grid: tuple[int, int] | None = None
     activation: torch.Tensor | None = None  # [N, L] raw latent maps A
@@ -165,7 +176,8 @@ class SearchReport:
             "bucket": self.bucket, "region_kind": self.region_kind, "region_coverage": self.region_coverage,
             "activation_used": self.activation_used,
             "nfe": self.nfe, "nfe_measured": self.nfe_measured, "wall_s": self.wall_s, "verify_s": self.verify_s,
-            "interrupted": self.interrupted, "grid": list(self.grid) if self.grid else None,
+            "capture_s": self.capture_s, "interrupted": self.interrupted,
+            "grid": list(self.grid) if self.grid else None, "notes": list(self.notes),
         }
 
 
@@ -215,16 +227,19 @@ def run_search(sampler: CandidateSampler, config: VeriLatentConfig, seed: int, *
         report.finalists, report.order = [0], [0]
         report.passes_per_step = int(sampler.passes_per_step)
         report.nfe = T * report.passes_per_step
-        if ro is not None:
+        if ro is not None:  # the map is a by-product of the plain run: failing to make it must not fail the run
             t0 = time.perf_counter()
-            tok = None if mask is None else core.mask_to_tokens(mask, ro.grid or core.factor_grid(ro.x0.shape[1]))
-            j = core.judge(ro.x0, ro.source, config, tok, ro.attention)
-            _fill_judgement(report, j, ro.grid)
-            report.round_one = report.difficulty = j.difficulty.to_json()
+            try:
+                tok = None if mask is None else core.mask_to_tokens(mask, ro.grid or core.factor_grid(ro.x0.shape[1]))
+                j = core.judge(ro.x0, ro.source, config, tok, ro.attention)
+            except EditSteerError as e:
+                report.notes.append(f"no step-{k} map for this budget-1 run (the output is the plain sampler's): {e}")
+                logger.warning("VeriLatent: %s", report.notes[-1])
+            else:
+                _fill_judgement(report, j, ro.grid)
+                report.round_one = report.difficulty = j.difficulty.to_json()
             verify += time.perf_counter() - t0
-        report.verify_s = verify + float(getattr(sampler, "overhead_s", 0.0))
-        report.nfe_measured = getattr(sampler, "nfe_measured", None)
-        report.wall_s = time.perf_counter() - t_start
+        _finish_timing(report, sampler, verify, t_start)
         event("finish", {"nfe": report.nfe})
         return SearchResult(finished.output, report)
 
@@ -295,11 +310,19 @@ def run_search(sampler: CandidateSampler, config: VeriLatentConfig, seed: int, *
 
     report.passes_per_step = int(sampler.passes_per_step)
     report.nfe = config.nfe(T, len(report.seeds), report.passes_per_step)
-    report.nfe_measured = getattr(sampler, "nfe_measured", None)
-    report.verify_s = verify + float(getattr(sampler, "overhead_s", 0.0))
-    report.wall_s = time.perf_counter() - t_start
+    _finish_timing(report, sampler, verify, t_start)
     event("finish", {"nfe": report.nfe})
     return SearchResult(finished.output, report)
+
+
+def _finish_timing(report: SearchReport, sampler, verify: float, t_start: float) -> None:
+    """NFE measured, notes and timings: verifier time = the loop's own + the sampler's work outside model calls
+    (``overhead_s``) + its capture hooks inside model calls (``capture_s``, e.g. attention recomputation)."""
+    report.nfe_measured = getattr(sampler, "nfe_measured", None)
+    report.notes += list(getattr(sampler, "notes", None) or [])
+    report.capture_s = float(getattr(sampler, "capture_s", 0.0))
+    report.verify_s = verify + float(getattr(sampler, "overhead_s", 0.0)) + report.capture_s
+    report.wall_s = time.perf_counter() - t_start
 
 
 def _fill_judgement(report: SearchReport, j: core.Judgement, grid) -> None:
@@ -383,7 +406,7 @@ def spatial_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def ksampler_function(config: VeriLatentConfig, source: torch.Tensor, *, to_tokens=spatial_tokens,
-                      mask=None, grid: tuple[int, int] | None = None, on_report=None):
+                      mask=None, grid: tuple[int, int] | None = None, on_report=None, passes_per_step: int = 1):
     """A k-diffusion-style sampler function that searches *within the batch it is given* (fixed budget).
 
     Returns ``sample(model, x, sigmas, extra_args=None, callback=None, disable=None)`` in the form ComfyUI's
@@ -391,9 +414,18 @@ def ksampler_function(config: VeriLatentConfig, source: torch.Tensor, *, to_toke
     sigma * s_in, **extra_args)`` returns x̂0. It runs Euler steps 0..k-1 on all N, judges them with :mod:`.core`
     against ``source`` (``[L, C]`` tokens, or the source LATENT ``[1, C, H, W]`` turned into tokens by ``to_tokens``),
     keeps the ``top_m`` best (batch shrinks N -> m) and finishes them. Extra rounds need fresh noise, so the adaptive
-    budget lives in :func:`run_search` (the GUIDER shape); here ``config.n0`` must equal the batch. ``on_report``
-    receives the :class:`SearchReport`.
+    budget lives in :func:`run_search` (the GUIDER shape): an adaptive config (``n_max > n0``) is refused here, and
+    ``config.n0`` must equal the batch. ``passes_per_step``: model passes behind one ``model(...)`` call per row
+    (2 when it runs conditional and unconditional predictions, i.e. ComfyUI with cfg != 1 and a negative); the
+    report's NFE is multiplied by it. ``on_report`` receives the :class:`SearchReport`.
     """
+    if config.is_adaptive:
+        raise EditSteerConfigError(
+            f"ksampler_function searches within the batch it is given (one round), but this config is adaptive "
+            f"(n0={config.n0}, n_max={config.n_max}): further rounds need fresh noise; use run_search (or ComfyUI's "
+            "VeriLatent Sampler) for an adaptive search, or VeriLatentConfig.fixed(n) here")
+    if not isinstance(passes_per_step, int) or isinstance(passes_per_step, bool) or passes_per_step < 1:
+        raise EditSteerConfigError(f"passes_per_step must be an integer >= 1, got {passes_per_step!r}")
     src_tokens = to_tokens(source)[0] if source.dim() > 2 else source
 
     @torch.no_grad()
@@ -403,8 +435,8 @@ def ksampler_function(config: VeriLatentConfig, source: torch.Tensor, *, to_toke
         config.check_steps(T)
         if config.budget > 1 and x.shape[0] != config.n0:
             raise EditSteerConfigError(f"the latent batch holds {x.shape[0]} candidates but config.n0 = {config.n0}")
-        report = SearchReport(config=config.to_dict(), num_steps=T, passes_per_step=1,
-                              seeds=list(range(x.shape[0])), round_sizes=[x.shape[0]])
+        report = SearchReport(config=config.to_dict(), num_steps=T, passes_per_step=passes_per_step,
+                              seeds=list(range(x.shape[0])), round_sizes=[x.shape[0]], nfe_measured=0)
         t_verify = 0.0
         k = config.k if config.budget > 1 else T
         s_in = x.new_ones([x.shape[0]])
@@ -424,12 +456,14 @@ def ksampler_function(config: VeriLatentConfig, source: torch.Tensor, *, to_toke
                 s_in = x.new_ones([x.shape[0]])
                 t_verify += time.perf_counter() - t0
             denoised = model(x, sigmas[i] * s_in, **extra_args)
+            report.nfe_measured += x.shape[0] * passes_per_step
             if callback is not None:
                 callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
             x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
         if not report.finalists:
             report.finalists, report.order = list(range(x.shape[0])), list(range(x.shape[0]))
-        report.nfe = config.nfe(T, report.candidates) if config.budget > 1 else T * report.candidates
+        p = passes_per_step
+        report.nfe = config.nfe(T, report.candidates, p) if config.budget > 1 else T * report.candidates * p
         report.verify_s = t_verify
         if on_report is not None:
             on_report(report)
