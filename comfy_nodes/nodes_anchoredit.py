@@ -2,9 +2,13 @@
 
 ``EDITSTEER_ANCHOREDIT_MODEL`` (an :class:`~diffusers_ext.anchoredit.AnchorEditPipeline`) and
 ``EDITSTEER_ANCHOREDIT_SESSION`` (an :class:`~diffusers_ext.anchoredit.AnchorEditSession`) are pack-private socket
-types. A turn node never changes the session it receives (ComfyUI may reuse a cached output when you change a later
-turn): it edits a fork, so chained turns behave like a branching history. Sampling reports progress per denoising
-step with a preview, and honours ComfyUI's interrupt between steps; an interrupted turn leaves nothing half-done.
+types. A turn node never changes the turns of the session it receives (ComfyUI may reuse a cached output when you
+change a later turn): it edits a fork, so chained turns behave like a branching history. The fork takes the input
+session's KV cache instead of copying it (``fork(take_cache=True)``): ComfyUI keeps every node's output alive, and
+a chain of N turns would otherwise hold N + 1 caches (several GiB each at full size); an input session that is used
+again rebuilds its cache from its kept latents (one transformer pass per frame). Sampling reports progress per
+denoising step with a preview, and honours ComfyUI's interrupt between steps; an interrupted turn leaves nothing
+half-done.
 
 All the method's work happens in ``diffusers_ext.anchoredit``; this module only converts types.
 """
@@ -54,8 +58,6 @@ def load_model(name: str):
     its own models (:class:`~comfy_nodes.managed.ManagedPipeline`); the nodes load it with :func:`_ready`."""
     import comfy.model_management as mm
 
-    from diffusers_ext.anchoredit import AnchorEditPipeline
-
     from .managed import ManagedPipeline
 
     source = name
@@ -71,12 +73,20 @@ def load_model(name: str):
     device, offload = mm.get_torch_device(), mm.unet_offload_device()
     key = (source, str(device))
     if key not in _MODELS:
-        pipe = AnchorEditPipeline.from_toy(source, device="cpu")
-        pipe.to(offload)
-        if device.type == "cuda":
-            pipe.to(torch.bfloat16)
-        _MODELS[key] = ManagedPipeline(pipe, device, offload)
+        _MODELS[key] = ManagedPipeline(_load_pipeline(source, device, offload), device, offload)
     return _MODELS[key].pipe
+
+
+def _load_pipeline(source: str, device: torch.device, offload: torch.device):
+    """The pipeline of ``source`` on ``offload``, in bf16 when it will run on a GPU. The dtype goes to
+    ``from_pretrained``, which keeps diffusers' ``_keep_in_fp32_modules`` (RoPE, time embedder, modulation tables,
+    norms) in float32 and never holds the weights in float32; casting with ``pipe.to(torch.bfloat16)`` would cast
+    those too (an error that grows every turn)."""
+    from diffusers_ext.anchoredit import AnchorEditPipeline
+
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = AnchorEditPipeline.from_toy(source, device="cpu", dtype=dtype)
+    return pipe.to(offload)
 
 
 def _ready(pipe):
@@ -204,8 +214,8 @@ class EditSteerAnchorEditTurn(io.ComfyNode):
 
     @classmethod
     def execute(cls, session, instruction, seed, preview) -> io.NodeOutput:
-        new = session.fork()
-        _ready(new.pipe)
+        _ready(session.pipe)  # the model runs: this turn, and rebuilding the cache if the input gave it away
+        new = session.fork(take_cache=True)
         cb = _progress_callback(new.pipe, cls.hidden.unique_id if cls.hidden else None, bool(preview))
         img = new.edit(instruction, seed=None if int(seed) < 0 else int(seed), output_type="np", callback=cb)
         return io.NodeOutput(new, _to_image(img), new.turns)
@@ -223,8 +233,8 @@ class EditSteerAnchorEditUndo(io.ComfyNode):
 
     @classmethod
     def execute(cls, session, turns) -> io.NodeOutput:
-        new = session.fork()
-        _ready(new.pipe)
+        _ready(session.pipe)
+        new = session.fork(take_cache=True)
         img = new.undo(int(turns), output_type="np")
         return io.NodeOutput(new, _to_image(img))
 
@@ -269,6 +279,8 @@ class EditSteerAnchorEditSaveSession(io.ComfyNode):
         prefix = "".join(c for c in filename_prefix if c.isalnum() or c in "-_") or "anchoredit"
         n = 1 + max((int(p.stem.rsplit("_", 1)[-1]) for p in root.glob(f"{prefix}_*.json")
                      if p.stem.rsplit("_", 1)[-1].isdigit()), default=0)
+        if include_cache and not session.holds_cache:  # a later turn took it: rebuilt, with the model
+            _ready(session.pipe)
         _, js = session.save(root / f"{prefix}_{n:05d}", include_cache=bool(include_cache))
         path = str(js.with_suffix(""))
         return io.NodeOutput(path, ui={"text": [path]})

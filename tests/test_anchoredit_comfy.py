@@ -137,6 +137,52 @@ def test_model_is_under_comfyui_model_management(comfy, nodes, tiny_model):  # n
     assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), ref)
 
 
+def test_a_chain_of_turn_nodes_holds_one_cache(comfy, nodes, tiny_model):  # noqa: F811
+    """ComfyUI keeps every node's output session alive: turn nodes that clone the KV cache make a chain of N turns
+    hold N + 1 caches. Each turn hands the cache on to its output; the images are a plain session's, and re-running
+    a middle turn (a changed instruction) rebuilds that input's cache and gives the plain session's result."""
+    texts = ["add a red circle at the center", "make the red circle blue", "add a green square", "remove the circle"]
+    chain = [nodes.EditSteerAnchorEditStart.execute(tiny_model, _image(), 7, "model default", 24).args[0]]
+    images = []
+    for text in texts:
+        new, image, _ = nodes.EditSteerAnchorEditTurn.execute(chain[-1], text, -1, False).args
+        chain.append(new)
+        images.append((image[0].numpy() * 255).round().astype(np.uint8))
+    plain = tiny_model.start_session(nodes._to_uint8(_image()), seed=7)
+    for text, image in zip(texts, images):
+        assert np.array_equal(image, plain.edit(text, output_type="np"))
+    assert [s.turns for s in chain] == [0, 1, 2, 3, 4]
+    assert sum(s.cache_bytes() for s in chain) == chain[-1].cache_bytes() == plain.cache_bytes() > 0
+    _, image, turn = nodes.EditSteerAnchorEditTurn.execute(chain[2], "make the circle green", -1, False).args
+    branch = tiny_model.start_session(nodes._to_uint8(_image()), seed=7)
+    for text in texts[:2]:
+        branch.edit(text)
+    assert turn == 3 and np.array_equal((image[0].numpy() * 255).round().astype(np.uint8),
+                                        branch.edit("make the circle green", output_type="np"))
+    undone, image = nodes.EditSteerAnchorEditUndo.execute(chain[4], 2).args
+    assert undone.turns == 2 and chain[4].turns == 4 and not chain[4].holds_cache
+    assert np.array_equal((image[0].numpy() * 255).round().astype(np.uint8), chain[2].image)
+
+
+def test_gpu_loading_keeps_diffusers_float32_modules(comfy, nodes, tmp_path):  # noqa: F811
+    """For a GPU the model node loads bf16 through ``from_pretrained(dtype=...)``, which keeps RoPE, the time
+    embedder, the modulation tables and the norms in fp32; ``pipe.to(torch.bfloat16)`` cast them too, an error
+    that grew every turn. (The pipeline is only built here, on the offload device: no GPU needed.)"""
+    from fixtures_anchoredit import small_pipeline
+
+    small_pipeline().save_pretrained(tmp_path / "m")
+    pipe = nodes._load_pipeline(str(tmp_path / "m"), torch.device("cuda"), torch.device("cpu"))
+    keep = set(pipe.transformer._keep_in_fp32_modules)
+    tensors = [*pipe.transformer.named_parameters(), *pipe.transformer.named_buffers()]
+    kept = [n for n, t in tensors if keep & set(n.split("."))]
+    assert any(n.startswith("rope.") for n in kept) and any("time_embedder" in n for n in kept)
+    for name, t in tensors:
+        assert t.dtype == (torch.float32 if name in kept else torch.bfloat16), name
+    assert pipe.transformer.device.type == "cpu"
+    cpu = nodes._load_pipeline(str(tmp_path / "m"), torch.device("cpu"), torch.device("cpu"))
+    assert cpu.transformer.dtype == torch.float32 and cpu.transformer.proj_out.weight.dtype == torch.float32
+
+
 def test_bad_inputs_are_clear_errors(comfy, nodes, tiny_model):  # noqa: F811
     from diffusers_ext.errors import EditSteerConfigError
 

@@ -5,7 +5,13 @@ import torch
 
 from fixtures_anchoredit import WAN, inputs, wan
 
-from diffusers_ext.anchoredit import AnchorEditConfig, AnchorKVCache, anchoredit_forward, apply_anchoredit, remove_anchoredit
+from diffusers_ext.anchoredit import (
+    AnchorEditConfig,
+    AnchorKVCache,
+    anchoredit_forward,
+    apply_anchoredit,
+    remove_anchoredit,
+)
 from diffusers_ext.errors import EditSteerConfigError, ModelFamilyError
 
 CONFIGS = [

@@ -1,5 +1,6 @@
 """``editsteer train anchoredit``: every stage runs a few steps, exports a pipeline, and resumes exactly."""
 
+import argparse
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from diffusers_ext.anchoredit.objectives import (
     sample_frame_timesteps,
     turn_weights,
 )
+from diffusers_ext.anchoredit.train import add_arguments
+from diffusers_ext.anchoredit.trainer import step_random, train
 from diffusers_ext.cli import main
 
 COMMON = ["--threads", "1", "--log-every", "1", "--pool-cases", "8", "--pool-sequences", "4", "--batch-size", "2"]
@@ -94,3 +97,45 @@ def test_stage3_cd_then_dmd_runs_and_resumes(init_dir, tmp_path):
     assert pipe.sampler_config.kind == "distilled" and pipe.sampler_config.timesteps == (1000, 750, 500, 250)
     rec = json.loads((tmp_path / "resumed" / "editsteer_train.json").read_text())
     assert rec["phases"]["cd"]["done"] and rec["phases"]["dmd"]["steps"] == 3
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_processes_draw_their_own_batches_but_share_the_graph_decisions(init_dir, tmp_path, stage):
+    """Under ``accelerate launch`` every process runs the same loop. Each must draw its own samples, noise and
+    timesteps (else N GPUs train N times on one batch), while the draws that shape the step's graph (turns; the
+    target turn k; DMD's depth s) must agree, or FSDP's collectives fall out of step. Two processes simulated here."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["--stage", stage, "--init", str(init_dir), "--lr", "1e-3", *COMMON]
+    argv += (["--steps", "4", "--max-turns", "4", "--self-forcing-warmup", "1"] if stage == "2" else
+             ["--cd-steps", "3", "--dmd-steps", "4", "--dmd-turns", "4", "--gen-update-ratio", "2",
+              "--teacher-guidance", "1", "--real-guidance", "0", "--pool-sequences", "16"])
+    logs = {}
+    for rank in (0, 1):
+        out = tmp_path / f"rank{rank}"
+        assert train(p.parse_args([*argv, "--out", str(out)]), process=(rank, 2)) == 0
+        logs[rank] = _log(out)
+    shared = ("turns",) if stage == "2" else ("k", "gen")
+    assert len(logs[0]) == len(logs[1]) > 0
+    for a, b in zip(logs[0], logs[1]):
+        assert a["phase"] == b["phase"] and all(a[k] == b[k] for k in shared if k in a)  # one graph per step
+        if a["loss"] or b["loss"]:  # (DMD's first generator step: 0 everywhere, the fake score starts as the real)
+            assert a["loss"] != b["loss"]  # other samples / noise / timesteps
+        if stage == "2":
+            assert (a["t_first"], a["t_last"]) != (b["t_first"], b["t_last"])
+    assert len({r["turns"] for r in logs[0]}) > 1 if stage == "2" else True  # the shared draw does vary by step
+
+
+def test_one_process_draws_one_stream_as_before():
+    """A single process (and so every committed toy run) keeps one generator per step: its draws are unchanged."""
+    one = step_random(0, "stage2", 7)
+    assert one.shared is one.local
+    two = [step_random(0, "stage2", 7, rank, 2) for rank in (0, 1)]
+    assert all(torch.equal(torch.rand(3, generator=r.shared), torch.rand(3, generator=one.shared.manual_seed(
+        one.shared.initial_seed()))) for r in two)
+    a, b = (torch.rand(8, generator=r.local) for r in two)
+    assert not torch.equal(a, b)

@@ -8,12 +8,19 @@
   once unpacked from its tars. All images of a sample must share one size that fits the patch grid.
 
 Both return latents ``[B, C, F, h, w]`` (frame 0 = source) and instruction embeddings ``[B, F, L, D]`` (frame 0 =
-the empty instruction).
+the empty instruction). Frame 0 deliberately cross-attends to the empty instruction, in training and in sessions
+alike; the official code differs (training: frame 0 sees only the first token of turn 1's prompt; inference: all of
+``prompts[0]``, and the negative prompt in the CFG branch), see :mod:`diffusers_ext.anchoredit.session`.
+
+Instruction embeddings are memoised in a bounded LRU (:class:`_Encoders`): on the CPU, without their zero padding,
+so that real data, which brings new instructions every step, cannot fill the accelerator (a padded Wan embedding
+is 512 x 4096 floats, 8 MiB in float32).
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +28,65 @@ import torch
 
 from ..errors import EditSteerConfigError
 
+#: default bound of the instruction-embedding memo (bytes of the stored, unpadded embeddings)
+TEXT_CACHE_BYTES = 1 << 30
+
 
 class _Encoders:
-    def __init__(self, pipe):
+    """The pipeline's VAE and text encoder, with instruction embeddings memoised.
+
+    The memo is a least-recently-used cache of at most ``text_cache_bytes`` bytes. Entries are kept on the CPU
+    without their trailing zero rows (``encode_instructions`` zero-pads every instruction to ``max_sequence_length``)
+    and padded and moved back on use: the returned tensors are exactly those ``encode_instructions`` gave. A bound
+    large enough for the whole toy vocabulary keeps the toy runs re-encoding nothing, as before the bound.
+    """
+
+    def __init__(self, pipe, text_cache_bytes: int = TEXT_CACHE_BYTES):
         self.pipe = pipe
-        self._text: dict[str, torch.Tensor] = {}
+        self.text_cache_bytes = int(text_cache_bytes)
+        self._text: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_bytes = 0
+        self._shape: tuple[int, int] | None = None  # (L, D) of a padded embedding
+        self._where: tuple[torch.device, torch.dtype] | None = None
 
     def text(self, instructions: list[str]) -> torch.Tensor:
-        missing = [s for s in dict.fromkeys(instructions) if s not in self._text]
+        """Embeddings ``[N, L, D]`` of ``instructions`` (on the transformer's device), memoised."""
+        found: dict[str, torch.Tensor] = {}
+        missing = []
+        for s in dict.fromkeys(instructions):
+            if s in self._text:
+                self._text.move_to_end(s)
+                found[s] = self._text[s]
+            else:
+                missing.append(s)
         if missing:
             emb = self.pipe.encode_instructions(missing)
+            self._shape, self._where = tuple(emb.shape[1:]), (emb.device, emb.dtype)
             for s, e in zip(missing, emb):
-                self._text[s] = e
-        return torch.stack([self._text[s] for s in instructions])
+                found[s] = self._store(s, e)
+        L, D = self._shape
+        dev, dt = self._where
+        out = torch.zeros(len(instructions), L, D, dtype=dt)
+        for i, s in enumerate(instructions):
+            e = found[s]
+            out[i, :e.shape[0]] = e
+        return out.to(dev)
+
+    def _store(self, s: str, e: torch.Tensor) -> torch.Tensor:
+        rows = e.detach().flatten(1).ne(0).any(1).nonzero()
+        n = int(rows[-1]) + 1 if len(rows) else 0
+        kept = e[:n].detach().to("cpu", copy=True)
+        self._text[s] = kept
+        self._text_bytes += kept.numel() * kept.element_size()
+        while self._text_bytes > self.text_cache_bytes and len(self._text) > 1:
+            _, old = self._text.popitem(last=False)
+            self._text_bytes -= old.numel() * old.element_size()
+        return kept
+
+    @property
+    def text_cache_size(self) -> tuple[int, int]:
+        """(instructions memoised, bytes they take)."""
+        return len(self._text), self._text_bytes
 
     @torch.no_grad()
     def images(self, images: list[np.ndarray], batch: int = 64) -> torch.Tensor:
@@ -133,7 +186,7 @@ class JsonSequenceData:
         self.max_turns = max_turns
         self.null = self.enc.text([""])[0]
 
-    def _load(self, s: dict, turns: int):
+    def _read(self, s: dict, turns: int) -> list[np.ndarray]:
         from PIL import Image
 
         root = self.path.parent
@@ -141,7 +194,7 @@ class JsonSequenceData:
         if len({im.shape for im in imgs}) != 1:
             raise EditSteerConfigError(f"sample {s['images'][0]}: images of one sample must share one size")
         self.enc.pipe.image_to_tensor(imgs[0])  # size check with a clear error
-        return self.enc.images(imgs), s["instructions"][:turns]
+        return imgs
 
     def pairs(self, g: torch.Generator, batch: int):
         lat, emb = self.sequences(g, batch, 1)
@@ -152,7 +205,16 @@ class JsonSequenceData:
         if not pool:
             raise EditSteerConfigError(f"no sample in {self.path} has {turns} turns")
         idx = torch.randint(len(pool), (batch,), generator=g).tolist()
-        items = [self._load(pool[i], turns) for i in idx]
+        images = [self._read(pool[i], turns) for i in idx]
+        sizes = {im[0].shape[:2] for im in images}
+        if len(sizes) > 1:  # one batch is one tensor: its samples must share a size (checked before any encoding)
+            listed = ", ".join(f"{pool[i]['images'][0]} {im[0].shape[1]}x{im[0].shape[0]}"
+                               for i, im in zip(idx, images))
+            raise EditSteerConfigError(
+                f"a batch of {batch} samples from {self.path} mixes image sizes ({listed}): the samples of one batch "
+                "must share one size. Use --batch-size 1, or a data file whose images all have one size (resize or "
+                "crop them, or keep one size bucket per file)")
+        items = [(self.enc.images(imgs), pool[i]["instructions"][:turns]) for i, imgs in zip(idx, images)]
         lat = torch.stack([x for x, _ in items]).permute(0, 2, 1, 3, 4)
         emb = torch.stack([torch.cat([self.null[None], self.enc.text(ins)]) for _, ins in items])
         return lat.contiguous(), emb

@@ -64,7 +64,8 @@ class AnchorEditPipeline(WanPipeline):
                          expand_timesteps=expand_timesteps)
         if transformer_2 is not None:
             raise EditSteerConfigError("AnchorEdit uses one transformer; this checkpoint has two (Wan 2.2 A14B)")
-        cfg = AnchorEditConfig.from_dict(anchoredit) if isinstance(anchoredit, dict) else (anchoredit or AnchorEditConfig())
+        cfg = (AnchorEditConfig.from_dict(anchoredit) if isinstance(anchoredit, dict)
+               else (anchoredit or AnchorEditConfig()))
         smp = SamplerConfig.from_dict(sampler) if isinstance(sampler, dict) else (sampler or SamplerConfig())
         self.register_to_config(anchoredit=cfg.to_dict(), sampler=smp.to_dict(),
                                 max_sequence_length=int(max_sequence_length))
@@ -207,8 +208,15 @@ class AnchorEditPipeline(WanPipeline):
     # loading
 
     @classmethod
-    def from_toy(cls, model: str | Path | None = None, *, device: str = "cpu", **kwargs) -> "AnchorEditPipeline":
-        """The toy AnchorEdit model: the bundled artifact ``toy-anchoredit`` (verified), or a folder."""
+    def from_toy(cls, model: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 **kwargs) -> "AnchorEditPipeline":
+        """The toy AnchorEdit model: the bundled artifact ``toy-anchoredit`` (verified), or a pipeline folder.
+
+        ``dtype`` is handed to ``from_pretrained``: a half dtype loads the weights straight into it and keeps the
+        modules diffusers lists in ``_keep_in_fp32_modules`` (Wan: RoPE, time embedder, modulation tables, norms;
+        T5: ``wo``) in float32. Casting a loaded pipeline with ``pipe.to(torch.bfloat16)`` casts those too, and the
+        error grows turn by turn (toy: 1.0 vs 0.22 grey levels of 255 at turn 3), besides loading in float32 first.
+        """
         p = Path(model) if model is not None else None
         if p is not None and p.is_dir():
             folder = p
@@ -216,7 +224,7 @@ class AnchorEditPipeline(WanPipeline):
             from ..weights import resolve
 
             folder = resolve(str(model) if model else TOY_ID).path
-        pipe = cls.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        pipe = cls.from_pretrained(folder, dtype=dtype, **kwargs)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 

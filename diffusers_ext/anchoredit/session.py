@@ -10,6 +10,16 @@ calls and a loaded session continues exactly as the original would have.
 Every call either succeeds or leaves the session exactly as it was (a bad instruction, too many turns, an
 interrupt in the middle of sampling, a failed decode).
 
+Frame 0 (the source) is written into the cache with the *empty* instruction, in both CFG branches, as the pack's
+trainer (:mod:`diffusers_ext.anchoredit.data`) shows it to the model. This deviates from the official code on
+purpose: its inference prefills frame 0 with the first turn's instruction (``prompts[0]``, "prompt slot 0") and,
+with CFG, the unconditional branch's frame 0 with the negative prompt, while its training lets frame 0 see only the
+first token of that prompt (a placeholder). The pack's weights were trained with the empty instruction, so frame 0's
+keys and values do not depend on what the first turn asks, and an instruction-free source is what every turn reads.
+
+A session file records the model's fingerprint (:func:`model_fingerprint`): it loads into the same model in another
+dtype or on another device (the cache is converted), and is refused for another model.
+
 Example::
 
     from diffusers_ext.anchoredit import AnchorEditPipeline, AnchorEditSession
@@ -47,7 +57,8 @@ from .config import AnchorEditConfig, SamplerConfig
 from .sampling import StepCallback, sample_turn
 
 FORMAT = "editsteer-anchoredit-session"
-FORMAT_VERSION = 1
+#: 2: the fingerprint hashes the probe weights as bfloat16 (dtype-independent); 1 hashed them in their own dtype
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -66,22 +77,54 @@ class TurnRecord:
         return Image.fromarray(self.image)
 
 
-def model_fingerprint(pipe) -> str:
-    """A short hash of the architecture and a few weights of the transformer and VAE: sessions (their KV caches)
-    are only valid with the model that made them."""
+def _probes(pipe) -> list[tuple[str, torch.Tensor]]:
+    tr = pipe.transformer
+    last = tr.blocks[-1]
+    return [("scale_shift_table", tr.scale_shift_table), ("proj_out.bias", tr.proj_out.bias),
+            ("patch_embedding.bias", tr.patch_embedding.bias),
+            ("blocks.0.scale_shift_table", tr.blocks[0].scale_shift_table),
+            ("blocks.-1.ffn.net.-1.bias", last.ffn.net[-1].bias) if hasattr(last.ffn, "net")
+            else ("blocks.-1.scale_shift_table", last.scale_shift_table)]
+
+
+def _fingerprint(pipe, probe_bytes) -> str:
     h = hashlib.sha256()
     for module in (pipe.transformer, pipe.vae):
         h.update(type(module).__name__.encode())
         h.update(json.dumps({k: v for k, v in dict(module.config).items() if not k.startswith("_")},
                             sort_keys=True, default=str).encode())
-    probes = [pipe.transformer.scale_shift_table, pipe.transformer.proj_out.bias,
-              pipe.transformer.patch_embedding.bias, pipe.transformer.blocks[0].scale_shift_table,
-              pipe.transformer.blocks[-1].ffn.net[-1].bias if hasattr(pipe.transformer.blocks[-1].ffn, "net")
-              else pipe.transformer.blocks[-1].scale_shift_table]
-    for p in probes:
-        h.update(p.detach().float().cpu().numpy().tobytes())
+    for name, p in _probes(pipe):
+        h.update(probe_bytes(name, p.detach()))
     h.update(str(pipe.text_encoder.config.to_dict().get("d_model")).encode() if pipe.text_encoder is not None else b"")
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(pipe) -> str:
+    """A short hash of the architecture and a few weights of the transformer and VAE: sessions (their KV caches)
+    are only valid with the model that made them.
+
+    The probe weights are hashed as bfloat16, so the same model in float32 or bfloat16 (ComfyUI's GPU dtype), on any
+    device, has one fingerprint; weights that differ beyond bfloat16's precision give another."""
+    return _fingerprint(pipe, lambda name, p: p.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+
+
+def _fingerprints_v1(pipe) -> set[str]:
+    """The fingerprints a session file of format 1 may carry for ``pipe``'s model: format 1 hashed the probes in
+    their own dtype (as float32 bytes), so the same model gave one fingerprint per dtype. Recognised: this pipeline
+    as it is, and (from float32 weights) as ``pipe.to(torch.bfloat16)`` and as ``from_pretrained(dtype=bfloat16)``
+    would have had it (the latter keeps diffusers' ``_keep_in_fp32_modules`` in float32)."""
+    keep = set(getattr(pipe.transformer, "_keep_in_fp32_modules", None) or ())
+
+    def as_is(name, p):
+        return p.float().cpu().numpy().tobytes()
+
+    def cast_all(name, p):
+        return p.to(torch.bfloat16).float().cpu().numpy().tobytes()
+
+    def cast_loaded(name, p):
+        return as_is(name, p) if keep & set(name.split(".")) else cast_all(name, p)
+
+    return {_fingerprint(pipe, f) for f in (as_is, cast_all, cast_loaded)}
 
 
 def _session_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -107,6 +150,7 @@ class AnchorEditSession:
         self.seed = int(seed)
         self.fingerprint = model_fingerprint(pipe)
         self.turn_times: list[float] = []
+        self._cache: AnchorKVCache | None = None
         if not _prefill:
             return
         source = pipe.image_to_tensor(image)  # validates the size before anything else
@@ -143,13 +187,42 @@ class AnchorEditSession:
     def batch(self) -> int:
         return 2 if self.sampler.cfg else 1
 
-    def cache_bytes(self) -> int:
-        return self.cache.nbytes()
+    @property
+    def cache(self) -> AnchorKVCache:
+        """The sink + window KV cache. After :meth:`fork` with ``take_cache=True`` gave it away, the first access
+        rebuilds it from the kept latents (one transformer pass per frame; the pipeline must be on its device)."""
+        if self._cache is None:
+            self._check_runtime()
+            self._cache = self._build_cache(len(self.latents))
+        return self._cache
 
-    def fork(self) -> "AnchorEditSession":
-        """An independent copy (the KV cache is copied): edit the copy without changing this session."""
+    @cache.setter
+    def cache(self, value: AnchorKVCache) -> None:
+        self._cache = value
+
+    @property
+    def holds_cache(self) -> bool:
+        """False while a fork holds this session's cache (it is rebuilt when needed, see :meth:`fork`)."""
+        return self._cache is not None
+
+    def cache_bytes(self) -> int:
+        """Bytes this session's KV cache holds now (0 while a fork holds it)."""
+        return 0 if self._cache is None else self._cache.nbytes()
+
+    def fork(self, *, take_cache: bool = False) -> "AnchorEditSession":
+        """An independent copy: edit the copy without changing this session.
+
+        The copy gets a clone of the KV cache; with ``take_cache=True`` it gets the cache itself, and this session
+        rebuilds its own from its kept latents and instructions only if it is used again (one transformer pass per
+        frame, the same keys and values when computed on the same device and dtype). Every turn, instruction,
+        latent and image of this session stays as it was. ComfyUI's turn nodes fork this way: ComfyUI keeps each
+        node's output session alive, so cloning would hold one whole cache per turn of a chain.
+        """
         new = copy.copy(self)
-        new.cache = self.cache.clone()
+        if take_cache:
+            new._cache, self._cache = self._cache, None
+        else:
+            new._cache = None if self._cache is None else self._cache.clone()
         for name in ("latents", "embeds", "instructions", "seeds", "images", "turn_times"):
             setattr(new, name, list(getattr(self, name)))
         return new
@@ -210,6 +283,7 @@ class AnchorEditSession:
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)):
             raise EditSteerConfigError(f"seed must be an integer, got {seed!r}")
         self._check_runtime()
+        cache = self.cache
         t0 = time.perf_counter()
         turn_seed = self.sampler.turn_seed(self.seed, turn) if seed is None else int(seed)
         embed = self.pipe.encode_instructions([instruction])
@@ -220,7 +294,7 @@ class AnchorEditSession:
 
         def predict(x, t):
             tt = torch.full((b,), float(t), device=x.device)
-            v = anchoredit_forward(tr, x.expand(b, -1, -1, -1, -1), tt, ctx, cache=self.cache, write=False)
+            v = anchoredit_forward(tr, x.expand(b, -1, -1, -1, -1), tt, ctx, cache=cache, write=False)
             if b == 2:
                 vc, vu = v.float().chunk(2)
                 v = (vu + g * (vc - vu)).to(x.dtype)
@@ -231,7 +305,7 @@ class AnchorEditSession:
             x0 = sample_turn(predict, latent0.shape, self.sampler, gen, device=latent0.device, dtype=latent0.dtype,
                              callback=callback)
             image = self.pipe.decode_latents(x0)[0]
-            self._write(self.cache, x0, embed)  # commits only if the whole pass succeeds
+            self._write(cache, x0, embed)  # commits only if the whole pass succeeds
         # nothing below can fail: the turn is recorded
         self.latents.append(x0)
         self.embeds.append(embed)
@@ -257,8 +331,10 @@ class AnchorEditSession:
         if turns > self.turns:
             raise EditSteerConfigError(f"cannot undo {turns} turn(s): the session has {self.turns}")
         keep = len(self.latents) - turns
-        if self.cache.can_pop(turns):
-            self.cache.truncate(keep)
+        if self._cache is None:
+            pass  # given away by fork(take_cache=True): rebuilt from the kept latents when needed
+        elif self._cache.can_pop(turns):
+            self._cache.truncate(keep)
         else:  # an evicted frame is no longer kept: rebuild the cache from the kept latents (exact, one pass/frame)
             self._check_runtime()
             self.cache = self._build_cache(keep)
@@ -313,9 +389,13 @@ class AnchorEditSession:
     def load(cls, pipe, path: str | os.PathLike, *, allow_other_model: bool = False) -> "AnchorEditSession":
         """Load a session saved by :meth:`save` for ``pipe``'s model.
 
-        A session file from another model (another fingerprint) is refused with
-        :class:`~diffusers_ext.errors.ModelFamilyError`, unless ``allow_other_model=True``: then the images and
-        latents are kept and the KV cache is recomputed with this model (possible only with the same latent shape).
+        The same model in another dtype or on another device loads (the cache is converted). A session file from
+        another model (another fingerprint) is refused with :class:`~diffusers_ext.errors.ModelFamilyError`, unless
+        ``allow_other_model=True``: then the images and latents are kept, the instructions (and the empty and
+        negative prompts) are encoded again with this model's text encoder, and the KV cache is recomputed with this
+        model (possible only with the same latent shape). Files of format 1 (whose fingerprint depended on the
+        dtype) load into the model they were made with in that dtype, and from float32 weights also when they were
+        made in bfloat16.
         """
         from ..weights import load_safetensors, sha256_file
 
@@ -335,8 +415,17 @@ class AnchorEditSession:
             raise EditSteerConfigError(f"{st_path} does not match {js_path.name} (sha256 differs): the two files "
                                        "belong to different saves; keep them together")
         fp = model_fingerprint(pipe)
-        same_model = meta["model_fingerprint"] == fp
+        legacy = int(meta.get("format_version", 0)) < 2
+        same_model = meta["model_fingerprint"] in (_fingerprints_v1(pipe) if legacy else {fp})
         if not same_model and not allow_other_model:
+            if legacy:
+                raise ModelFamilyError(
+                    f"session {js_path.name} was saved by EditSteer {meta.get('editsteer_version', '?')}, whose "
+                    f"model fingerprint ({meta['model_fingerprint']}) depended on the weights' dtype, and it matches "
+                    f"neither this pipeline's model in its dtype ({pipe.transformer.dtype}) nor in bfloat16. If it "
+                    "was made with this model in float32 and this pipeline is bfloat16, load it once with a float32 "
+                    "pipeline of the model and save it again; if it was made with another model, load it with that "
+                    "one. Or pass allow_other_model=True to keep the images and recompute the memory with this model.")
             raise ModelFamilyError(
                 f"session {js_path.name} was made with another model (fingerprint {meta['model_fingerprint']}, "
                 f"{meta.get('transformer')}); this pipeline's model is {fp}. Its KV cache is only valid with that "
@@ -355,13 +444,18 @@ class AnchorEditSession:
         if s.latents[0].shape[1] != pipe.transformer.config.in_channels:
             raise ModelFamilyError(f"session latents have {s.latents[0].shape[1]} channels, this model takes "
                                    f"{pipe.transformer.config.in_channels}; load it with the model that made it")
-        s.embeds = [tensors[f"embeds.{i}"].to(dev, dt) for i in range(n)]
         s.images = [tensors[f"images.{i}"].numpy().copy() for i in range(n)]
         s.source = s.images[0]
-        s._null = s.embeds[0]
-        s._neg = tensors["negative_embeds"].to(dev, dt) if "negative_embeds" in tensors else (
-            pipe.encode_instructions([s.sampler.negative_prompt]) if s.sampler.cfg else None)
         s.instructions = list(meta["instructions"])
+        if same_model:
+            s.embeds = [tensors[f"embeds.{i}"].to(dev, dt) for i in range(n)]
+            s._null = s.embeds[0]
+            s._neg = tensors["negative_embeds"].to(dev, dt) if "negative_embeds" in tensors else (
+                pipe.encode_instructions([s.sampler.negative_prompt]) if s.sampler.cfg else None)
+        else:  # the stored embeddings are the other model's text encoder's: encode the texts with this one
+            s._null = pipe.encode_instructions([""])
+            s.embeds = [s._null] + [pipe.encode_instructions([t]) for t in s.instructions]
+            s._neg = pipe.encode_instructions([s.sampler.negative_prompt]) if s.sampler.cfg else None
         s.seeds = [int(x) for x in meta["seeds"]]
         s.turn_times = []
         if same_model and meta.get("cache") is not None:
@@ -374,8 +468,8 @@ class AnchorEditSession:
         return s
 
     def __repr__(self) -> str:
-        return (f"AnchorEditSession(turns={self.turns}, seed={self.seed}, sampler={self.sampler.kind}, "
-                f"cache={self.cache!r})")
+        cache = repr(self._cache) if self._cache is not None else "(held by a fork; rebuilt when needed)"
+        return f"AnchorEditSession(turns={self.turns}, seed={self.seed}, sampler={self.sampler.kind}, cache={cache})"
 
 
 def _uint8(t: torch.Tensor) -> np.ndarray:

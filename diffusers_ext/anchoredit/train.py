@@ -13,7 +13,9 @@
 Runs under ``accelerate launch`` (multi-GPU / multi-node; FSDP with an accelerate config: full-size Wan needs it),
 or plainly on one device. Every stage writes a diffusers pipeline folder (``--out``) and a training state
 (``--out``/training_state) every ``--save-every`` steps; ``--resume`` continues from it, and because every step
-draws its randomness from ``(--seed, step)`` a resumed run repeats an uninterrupted one.
+draws its randomness from ``(--seed, step)`` a resumed run repeats an uninterrupted one. Under accelerate each
+process draws its own samples, noise and timesteps (``(--seed, step, process index)``), and all processes draw the
+same turn counts and target turns, so that their graphs stay in step.
 
 Example (the toy model, as bundled; see README)::
 

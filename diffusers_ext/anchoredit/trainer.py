@@ -4,6 +4,13 @@ One :class:`_Phase` loop serves every stage: it runs ``steps`` optimizer steps o
 clips gradients, keeps an EMA when asked, logs to ``OUT/train_log.jsonl``, writes ``OUT/training_state`` every
 ``--save-every`` steps and on exit, and resumes from it. The randomness of step ``i`` of phase ``p`` comes only from
 ``torch.Generator().manual_seed(hash(seed, p, i))``, so a resumed run equals an uninterrupted one.
+
+Under ``accelerate launch`` every process runs the same loop, so each step draws from two generators
+(:class:`StepRandom`): ``shared`` (the same on every process) for the decisions that fix the step's graph, which the
+processes must agree on for FSDP/DDP to stay in step (number of turns, the target turn ``k``, DMD's backward-simulation
+depth ``s``); and ``local`` (seeded with the process index as well) for everything per sample: which samples, noise,
+timesteps, degradations, self-rollout choices. Otherwise every GPU would train on the same batch. A single process
+uses one generator for both, so it draws exactly what it drew before the split.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +55,26 @@ def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
 
 
+@dataclass(frozen=True)
+class StepRandom:
+    """The generators of one training step (see the module docstring): ``shared`` for decisions every process must
+    make alike (they shape the step's graph), ``local`` for this process's samples, noise and timesteps."""
+
+    shared: torch.Generator
+    local: torch.Generator
+
+
+def step_random(seed: int, phase: str, step: int, process_index: int = 0, num_processes: int = 1) -> StepRandom:
+    """The generators of step ``step`` of ``phase`` on process ``process_index`` of ``num_processes``.
+
+    One process: ``shared is local`` (one stream, the draws of a single-process run are unchanged). Several:
+    ``local`` hashes the process index too, so each process draws its own data, noise and timesteps."""
+    shared = step_generator(seed, phase, step)
+    if num_processes <= 1:
+        return StepRandom(shared, shared)
+    return StepRandom(shared, step_generator(seed, f"{phase}/rank{process_index}", step))
+
+
 def _randn(shape, g, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(like.device, like.dtype)
 
@@ -67,8 +95,10 @@ def _logit_normal_t(batch: int, g, lo: int = 20, hi: int = 980) -> torch.Tensor:
 class _Run:
     """Output folder, training record and wall-time budget of one ``editsteer train anchoredit`` invocation."""
 
-    def __init__(self, args, acc):
+    def __init__(self, args, acc, process: tuple[int, int] | None = None):
         self.args, self.acc = args, acc
+        # (process index, process count) of the step randomness: accelerate's, or simulated (tests)
+        self.process = (acc.process_index, acc.num_processes) if process is None else tuple(process)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = self.out / STATE_DIR
@@ -113,7 +143,8 @@ class _Run:
 
 
 class _Phase:
-    """``steps`` optimizer steps of ``loss_fn(step, g) -> (loss, logs)`` on ``model`` (already prepared)."""
+    """``steps`` optimizer steps of ``loss_fn(step, rng) -> (loss, logs)`` on ``model`` (already prepared);
+    ``rng`` is the step's :class:`StepRandom`."""
 
     def __init__(self, run: _Run, name: str, steps: int, model, optimizer, scheduler, ema=None,
                  ema_decay: float = 0.0, extra_models: dict | None = None):
@@ -177,10 +208,10 @@ class _Phase:
             if run.out_of_time():
                 finished = False
                 break
-            g = step_generator(args.seed, self.name, step)
+            rng = step_random(args.seed, self.name, step, *run.process)
             self.model.train()
             with acc.accumulate(self.model):
-                loss, logs = loss_fn(step, g)
+                loss, logs = loss_fn(step, rng)
                 acc.backward(loss)
                 if acc.sync_gradients and args.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -233,7 +264,9 @@ def _prepare_transformer(pipe, args, acc):
 # entry
 
 
-def train(args) -> int:
+def train(args, *, process: tuple[int, int] | None = None) -> int:
+    """Run ``args.stage``. ``process`` = (index, count) replaces accelerate's process index and count in the step
+    randomness only (tests simulate the processes of a multi-GPU run with it)."""
     from accelerate import Accelerator
 
     if args.threads:
@@ -243,7 +276,7 @@ def train(args) -> int:
                                    "Wan2.1-T2V Diffusers folder, or the toy VAE stage's --out)")
     acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
     torch.manual_seed(args.seed)
-    run = _Run(args, acc)
+    run = _Run(args, acc, process)
     if args.stage == "vae":
         _train_toy_vae(run)
         return 0
@@ -336,7 +369,8 @@ def _stage1(run: _Run, pipe, data) -> bool:
     null = data.null
     ctx_t = float(pipe.anchoredit_config.context_timestep)
 
-    def loss_fn(step, g):
+    def loss_fn(step, rng):
+        g = rng.local  # every draw is per sample
         src, tgt, emb = data.pairs(g, bs)
         is_null = torch.rand(bs, generator=g) < args.null_prob
         tgt = torch.where(is_null.view(-1, 1, 1, 1).to(tgt.device), src, tgt)
@@ -363,7 +397,8 @@ def _stage1(run: _Run, pipe, data) -> bool:
 def _vae_roundtrip(pipe):
     def rt(lat: torch.Tensor) -> torch.Tensor:  # [N, C, h, w] normalised latents
         z = lat.unsqueeze(2)
-        img = pipe.vae.decode(z * pipe._latent_stats(z.device, z.dtype)[1] + pipe._latent_stats(z.device, z.dtype)[0]).sample
+        mean, std = pipe._latent_stats(z.device, z.dtype)
+        img = pipe.vae.decode(z * std + mean).sample
         back = pipe.vae.encode(img).latent_dist.mode()
         mean, std = pipe._latent_stats(back.device, back.dtype)
         return ((back - mean) / std)[:, :, 0]
@@ -381,8 +416,9 @@ def _stage2(run: _Run, pipe, data) -> bool:
     if not 1 <= args.min_turns <= args.max_turns:
         raise EditSteerConfigError("need 1 <= --min-turns <= --max-turns")
 
-    def loss_fn(step, g):
-        turns = int(torch.randint(args.min_turns, args.max_turns + 1, (1,), generator=g))
+    def loss_fn(step, rng):
+        g = rng.local
+        turns = int(torch.randint(args.min_turns, args.max_turns + 1, (1,), generator=rng.shared))  # sequence length
         lat, ctx = data.sequences(g, bs, turns)  # [B, C, T, h, w], [B, T, L, D]
         lat, ctx = lat.to(acc.device), ctx.to(acc.device)
         frames = turns + 1
@@ -493,10 +529,11 @@ def _stage3(run: _Run, pipe, data) -> bool:
         student_p, opt, sched = acc.prepare(student, opt, sched)
         grid = cd_grid(args.cd_n, args.cd_shift)
 
-        def cd_loss(step, g):
+        def cd_loss(step, rng):
+            g = rng.local
             lat, ctx = data.sequences(g, bs, turns)
             lat, ctx = lat.to(dev), ctx.to(dev)
-            k = int(torch.randint(1, turns + 1, (1,), generator=g))
+            k = int(torch.randint(1, turns + 1, (1,), generator=rng.shared))  # rollout and prefill length
             if args.cd_history == "rollout":
                 hist, _ = _rollout(ema, lat[:, :, :1], ctx, k - 1, steps, g, ctx_t)
                 history = torch.cat([lat[:, :, :1], hist], 2)
@@ -574,17 +611,18 @@ def _stage3(run: _Run, pipe, data) -> bool:
             def step(self):
                 (sched_g if pair.which == "gen" else sched_c).step()
 
-        def dmd_loss(step, g):
+        def dmd_loss(step, rng):
+            g = rng.local
             lat, ctx = data.sequences(g, bs, turns)
             lat, ctx = lat.to(dev), ctx.to(dev)
-            k = int(torch.randint(1, turns + 1, (1,), generator=g))
+            k = int(torch.randint(1, turns + 1, (1,), generator=rng.shared))  # rollout length
             src = lat[:, :, :1]
             gen_turn = step % ratio == 0
             pair.which = "gen" if gen_turn else "critic"
             hist, cache = _rollout(gen_p, src, ctx, k - 1, steps, g, ctx_t)
             ck = ctx[:, k:k + 1]
             if gen_turn:
-                s = int(torch.randint(0, len(steps), (1,), generator=g))
+                s = int(torch.randint(0, len(steps), (1,), generator=rng.shared))  # generator passes
                 with torch.no_grad():
                     x = _randn(src.shape, g, src)
                     for j in range(s):  # backward simulation from pure noise to steps[s]
@@ -654,7 +692,8 @@ def _train_toy_vae(run: _Run) -> None:
         imgs = [W.render(W.random_scene(rng, 1, W.MAX_OBJECTS)) for _ in range(n)]
         return W.to_tensor(np.stack(imgs)).unsqueeze(2).to(acc.device)
 
-    def loss_fn(step, g):
+    def loss_fn(step, rng):
+        g = rng.local
         m = acc.unwrap_model(vae_p)
         x = batch(g, bs)
         z = m.encode(x).latent_dist.mode()
