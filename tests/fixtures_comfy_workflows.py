@@ -134,7 +134,7 @@ def toy_critic_verilatent() -> Graph:
     noise = g.node("RandomNoise", noise_seed=0)
     base = g.node("KSamplerSelect", sampler_name="euler")
     search = g.node("EditSteerVeriLatentSampler", sampler=base[0], candidates=4, budget=8, early_step=2, top_m=1,
-                    round_size=4)
+                    round_size=4, rollout_batch=4)  # the toy: a whole round per model call
     sigmas = g.node("BasicScheduler", model=model[0], scheduler="simple", steps=8, denoise=1.0)
     out = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=search[0], sigmas=sigmas[0],
                  latent_image=src[0])
@@ -194,7 +194,7 @@ def kontext_verilatent() -> Graph:
     noise = g.node("RandomNoise", noise_seed=0)
     base = g.node("KSamplerSelect", sampler_name="euler")
     search = g.node("EditSteerVeriLatentSampler", sampler=base[0], candidates=4, budget=8, early_step=2, top_m=1,
-                    round_size=4)
+                    round_size=4, rollout_batch=1)  # one candidate per model call: memory as for one image
     sigmas = g.node("BasicScheduler", model=unet[0], scheduler="simple", steps=20, denoise=1.0)
     out = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=search[0], sigmas=sigmas[0],
                  latent_image=src[0])
