@@ -11,8 +11,10 @@ import sys
 
 if importlib.util.find_spec("comfy_api") is not None:
     _here = os.path.dirname(os.path.abspath(__file__))
-    if _here not in sys.path:  # a plain clone: make diffusers_ext and comfy_nodes importable
-        sys.path.insert(0, _here)
-    from comfy_nodes import comfy_entrypoint  # noqa: E402
+    if _here not in sys.path:  # a plain clone: make diffusers_ext importable; appended, so that nothing of this
+        sys.path.append(_here)  # folder shadows another pack's modules
+    # Relative: ComfyUI loads this folder as a package, so the nodes are <this package>.comfy_nodes and never take
+    # the top-level name comfy_nodes, which other packs use for their own.
+    from .comfy_nodes import comfy_entrypoint  # noqa: E402
 
     __all__ = ["comfy_entrypoint"]

@@ -15,9 +15,11 @@ Run them here with::
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import json
 import os
+import pkgutil
 import socket
 import subprocess
 import sys
@@ -133,6 +135,43 @@ class ComfyEnv:
                             list(self.executor.server.messages), err)
 
 
+def _alias_pack_modules(link: str) -> None:
+    """ComfyUI imports the pack as ``<its folder path>.comfy_nodes`` (the pack's own ``__init__`` imports the nodes
+    relatively, so that they never take another pack's top-level ``comfy_nodes``). The tests import
+    ``comfy_nodes.<module>``: point those names at the modules ComfyUI loaded, so that both see one copy (one
+    ``CriticPatch`` class, one model cache)."""
+    prefix = link.replace(".", "_x_") + ".comfy_nodes"
+    assert prefix in sys.modules, f"the pack's nodes were not imported as {prefix}"
+    for info in pkgutil.iter_modules(sys.modules[prefix].__path__):  # also those the nodes import lazily
+        importlib.import_module(f"{prefix}.{info.name}")
+    for name, module in list(sys.modules.items()):
+        if name == prefix or name.startswith(prefix + "."):
+            sys.modules["comfy_nodes" + name[len(prefix):]] = module
+
+
+#: A pack in the common shape that clashed with EditSteer's old absolute import: its folder first on sys.path and a
+#: top-level package ``comfy_nodes`` of its own. Its name sorts before EditSteer, so ComfyUI loads it first.
+OTHER_PACK_NODE = "OtherPackNode"
+
+
+def _other_pack(folder: Path) -> None:
+    (folder / "comfy_nodes").mkdir(parents=True, exist_ok=True)
+    (folder / "__init__.py").write_text(
+        "import os, sys\nsys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+        "from comfy_nodes import NODE_CLASS_MAPPINGS\n")
+    (folder / "comfy_nodes" / "__init__.py").write_text(
+        "class OtherNode:\n"
+        "    @classmethod\n"
+        "    def INPUT_TYPES(cls):\n"
+        "        return {'required': {}}\n"
+        "    RETURN_TYPES = ()\n"
+        "    FUNCTION = 'run'\n"
+        "    CATEGORY = 'other'\n"
+        "    def run(self):\n"
+        "        return ()\n"
+        f"NODE_CLASS_MAPPINGS = {{'{OTHER_PACK_NODE}': OtherNode}}\n")
+
+
 def _link_pack(custom_nodes: Path) -> Path:
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / PACK_DIR_NAME
@@ -175,6 +214,7 @@ def comfy(tmp_path_factory) -> ComfyEnv:
     link = _link_pack(base / "custom_nodes")
     ok = asyncio.run(nodes.load_custom_node(str(link), set(), module_parent="custom_nodes"))
     assert ok, "ComfyUI failed to load the EditSteer pack (see the log above)"
+    _alias_pack_modules(str(link))
     executor = execution.PromptExecutor(_HeadlessServer(), cache_type=False)
     return ComfyEnv(path, base, nodes, executor)
 
@@ -224,6 +264,7 @@ def comfy_server(tmp_path_factory) -> ComfyServer:
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfy-server")
     _link_pack(base / "custom_nodes")
+    _other_pack(base / "custom_nodes" / "AAA_OtherPack")
     (base / "models" / "editsteer").mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = base / "server.log"

@@ -27,6 +27,14 @@ def test_library_imports_without_comfyui():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def test_star_import_and_lazy_submodules():
+    """Every name in ``diffusers_ext.__all__`` exists (``from diffusers_ext import *`` works); unknown names are an
+    AttributeError, as ``hasattr`` expects."""
+    r = _py("from diffusers_ext import *\nimport diffusers_ext\nassert not hasattr(diffusers_ext, 'nope')\n"
+            "assert all(hasattr(diffusers_ext, n) for n in diffusers_ext.__all__)\nprint('ok')\n")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
 def test_repo_root_init_is_inert_without_comfyui():
     code = (
         "import importlib.util, sys\n"
@@ -58,6 +66,16 @@ def test_dependencies_never_pull_a_cuda_torch():
     from packaging.requirements import Requirement
 
     assert "2.13.0" in Requirement(torch_req[0]).specifier
+
+
+def test_requirements_txt_is_pyproject_without_torch():
+    """ComfyUI-Manager and the Comfy Registry install requirements.txt, not pyproject.toml's dependencies."""
+    import tomllib
+
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [ln.strip() for ln in (REPO_ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert reqs == [d for d in deps if not d.lower().startswith("torch")]
 
 
 def _setuptools_config() -> dict:
