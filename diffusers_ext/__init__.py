@@ -13,8 +13,8 @@ import importlib
 from ._version import __version__
 from .errors import EditSteerConfigError, EditSteerError, ModelFamilyError, WeightsError
 
-_SUBMODULES = ("weights", "toy", "bench", "critic", "verilatent", "mln", "switti", "anchoredit", "pipelines",
-               "testing", "cli")
+_SUBMODULES = ("weights", "toy", "bench", "critic", "verilatent", "mln", "switti", "anchoredit", "tiny", "shims",
+               "cli")
 
 __all__ = ["EditSteerConfigError", "EditSteerError", "ModelFamilyError", "WeightsError", "__version__",
            *_SUBMODULES]
