@@ -60,7 +60,8 @@ def load_switti(model: str, dtype: str = "auto", allow_download: bool = False):
     if weight_dtype is None:
         weight_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if repo is None:  # a whole pipeline folder (the toy): fp32
-        pipe = MLNPipeline.from_pretrained(resolve(artifact, allow_download=allow_download).path)
+        pipe = MLNPipeline.from_pretrained(resolve(artifact, allow_download=allow_download).path,
+                                           use_safetensors=True)
     else:
         pipe = MLNPipeline.from_switti_checkpoints(artifact, "vqvae-switti", dtype=weight_dtype,
                                                    allow_download=allow_download)

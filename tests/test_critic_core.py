@@ -223,6 +223,33 @@ def test_save_load_round_trip(tmp_path):
         InlineCritic.from_pretrained("no-such-critic-id")
 
 
+def test_a_hub_repo_id_is_downloaded_only_when_allowed(monkeypatch):
+    """As every download of the pack: the Hugging Face cache always, the Hub only with allow_download (the Hub is
+    out of reach here, so a recorder stands in for hf_hub_download)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from diffusers_ext.weights import resolver
+
+    calls = []
+
+    def record(*args, local_files_only, **kwargs):
+        calls.append(local_files_only)
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", record)
+    monkeypatch.setattr(resolver, "hub_offline", lambda: False)
+    monkeypatch.delenv("EDITSTEER_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(WeightsError, match="downloads are off"):
+        InlineCritic.from_pretrained("org/my-critic", allow_download=False)
+    with pytest.raises(WeightsError, match="downloads are off"):
+        InlineCritic.from_pretrained("org/my-critic")  # the default: EDITSTEER_ALLOW_DOWNLOAD unset
+    with pytest.raises(WeightsError) as e:
+        InlineCritic.from_pretrained("org/my-critic", allow_download=True)
+    assert "downloads are off" not in str(e.value)
+    assert calls == [True, True, False]
+
+
 def test_hub_layout_and_manifest_resolution_with_sha_check(tmp_path, hf_cache, monkeypatch):
     from diffusers_ext.tiny import write_hf_cache_repo
     from diffusers_ext.weights import entry_from_folder, write_entry

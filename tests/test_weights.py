@@ -224,3 +224,48 @@ def test_absent_folder_artifact_is_quiet_and_explicit_path_says_missing(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="does not hold the artifact's files"):
         resolve(art, path=tmp_path / "empty")
+
+
+def test_pipeline_folders_load_safetensors_only(tmp_path):
+    """A pipeline folder whose weights are a pickle is refused by the pack's folder loaders (diffusers would
+    otherwise fall back to ``torch.load``)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from diffusers_ext.anchoredit import AnchorEditPipeline
+    from diffusers_ext.weights import resolve as resolve_id
+
+    folder = tmp_path / "toy-anchoredit"
+    shutil.copytree(resolve_id("toy-anchoredit").path, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "transformer" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        AnchorEditPipeline.from_toy(folder)
+
+
+def test_external_pipeline_listed_by_its_configs_needs_its_weights(tmp_path, tiny_kontext_dir):
+    """An external entry lists only a pipeline's configs (upstream hashes unknown); a copy with the configs alone,
+    or with a shard missing, is not a copy."""
+    import shutil
+
+    configs = ["model_index.json", "transformer/config.json", "vae/config.json"]
+    art = Artifact.from_json({"id": "ext-pipe", "description": "x", "kind": "diffusers-pipeline", "base_model": "x",
+                              "license": "x", "status": "external", "repo_id": "someone/ext-pipe",
+                              "files": [{"path": p, "sha256": None, "size": None} for p in configs]})
+    folder = tmp_path / "ext-pipe"
+    shutil.copytree(tiny_kontext_dir, folder)
+    assert resolve(art, path=folder).source == "explicit path"
+    # sharded: the index names a shard that is not there
+    comp = folder / "transformer"
+    (comp / "diffusion_pytorch_model.safetensors").rename(comp / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    (comp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}}))
+    with pytest.raises(WeightsError, match="transformer/: 1 of 2 weight shards missing"):
+        resolve(art, path=folder)
+    for f in comp.glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(WeightsError, match=r"transformer/: no \.safetensors weights"):
+        resolve(art, path=folder)

@@ -224,7 +224,7 @@ class AnchorEditPipeline(WanPipeline):
             from ..weights import resolve
 
             folder = resolve(str(model) if model else TOY_ID).path
-        pipe = cls.from_pretrained(folder, dtype=dtype, **kwargs)
+        pipe = cls.from_pretrained(folder, dtype=dtype, **{"use_safetensors": True, **kwargs})
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 

@@ -300,7 +300,7 @@ def _load_pipeline(run: _Run):
     from .pipeline import AnchorEditPipeline
 
     args = run.args
-    pipe = AnchorEditPipeline.from_pretrained(args.init, dtype=torch.float32)
+    pipe = AnchorEditPipeline.from_pretrained(args.init, dtype=torch.float32, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     cfg = pipe.anchoredit_config
     changes = {}

@@ -209,7 +209,8 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
                         cache_dir=None, token=None, **_ignored) -> "InlineCritic":
         """Load a critic from, in this order: an :class:`InlineCritic` (returned as is), a ``.safetensors`` file,
         a local folder, an id of ``weights_manifest/`` (resolved local-first and sha256-verified), or a Hub repo
-        id (``critic.safetensors`` at ``revision``).
+        id (``critic.safetensors`` at ``revision``: from the Hugging Face cache, downloaded only when
+        ``allow_download=True`` or ``EDITSTEER_ALLOW_DOWNLOAD=1``, as every download of the pack).
 
         Example::
 
@@ -242,16 +243,20 @@ class InlineCritic(nn.Module, ModelHubMixin, library_name="editsteer", tags=["in
                                hint="pass a critic folder, a critic.safetensors file, an id listed by "
                                     "`editsteer weights list`, or a Hub repo id 'org/name'")
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.constants import HF_HUB_OFFLINE
 
-        try:
+        from ..weights.resolver import downloads_allowed
+
+        try:  # the Hugging Face cache always; the Hub only when downloads are allowed (and not offline)
             f = hf_hub_download(name, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir, token=token,
-                                local_files_only=bool(local_files_only or HF_HUB_OFFLINE))
+                                local_files_only=bool(local_files_only) or not downloads_allowed(allow_download))
         except Exception as e:  # offline, missing repo/file, auth
+            off = "" if downloads_allowed(allow_download) else (
+                "downloads are off (pass allow_download=True or set EDITSTEER_ALLOW_DOWNLOAD=1, with HF_HUB_OFFLINE "
+                "unset), so only the Hugging Face cache was searched; ")
             raise WeightsError(f"could not get {WEIGHTS_NAME} from the Hub repo ({type(e).__name__}: {e})",
                                artifact_id=name, repo_id=name, filename=WEIGHTS_NAME,
-                               hint="check the repo id and revision; offline, put the files in the Hugging Face "
-                                    "cache or pass a local folder") from None
+                               hint=off + "check the repo id and revision; offline, put the files in the Hugging "
+                                          "Face cache or pass a local folder") from None
         return cls.load_file(f, artifact_id=name)
 
     @classmethod

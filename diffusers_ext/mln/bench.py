@@ -51,7 +51,7 @@ def load_pipeline(model: str | None, cls):
 
     src = model or DEFAULT_MODEL
     path = Path(src) if Path(src).is_dir() else resolve(src).path
-    pipe = cls.from_pretrained(path)
+    pipe = cls.from_pretrained(path, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe, str(path)
 

@@ -211,7 +211,7 @@ def train_decoder(args, out: Path) -> Path:
     from ..switti import SwittiVQVAE
     from ..toy import world as W
 
-    vq = SwittiVQVAE.from_pretrained(out / "vqvae")
+    vq = SwittiVQVAE.from_pretrained(out / "vqvae", use_safetensors=True)
     vq.requires_grad_(False).eval()
     params = [*vq.post_quant_conv.parameters(), *vq.decoder.parameters()]
     for p in params:
@@ -274,7 +274,7 @@ def train_switti(args, out: Path) -> Path:
 
     acc = Accelerator(cpu=True)
     cfg = TOY_SWITTI_CONFIG.__class__(**{**TOY_SWITTI_CONFIG.__dict__, "words": tuple(W.vocabulary())})
-    vq = SwittiVQVAE.from_pretrained(out / "vqvae").eval().requires_grad_(False)
+    vq = SwittiVQVAE.from_pretrained(out / "vqvae", use_safetensors=True).eval().requires_grad_(False)
     model = tiny_transformer(cfg, seed=args.seed).train()
     tok, te, tok2, te2 = tiny_text_encoders(cfg, seed=args.seed)
     te.train()

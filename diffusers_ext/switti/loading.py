@@ -177,7 +177,7 @@ def load_transformer(source: str | os.PathLike = "yresearch/Switti", *, dtype: t
         if name != SwittiTransformer.__name__:
             raise ModelFamilyError(f"{folder} holds a {name or 'unknown'} model, not a Switti transformer "
                                    "(expected SwittiHF's config.json or a SwittiTransformer folder)")
-        model = SwittiTransformer.from_pretrained(folder, dtype=dtype)
+        model = SwittiTransformer.from_pretrained(folder, dtype=dtype, use_safetensors=True)
         return model.eval()
     weights = folder / OFFICIAL_WEIGHTS_NAME
     if not weights.is_file():
@@ -240,7 +240,7 @@ def load_vqvae(source: str | os.PathLike = "yresearch/VQVAE-Switti", *, reso: in
     if "_class_name" in cfg:
         if cfg["_class_name"] != SwittiVQVAE.__name__:
             raise ModelFamilyError(f"{folder} holds a {cfg['_class_name']} model, not Switti's VQ-VAE")
-        return SwittiVQVAE.from_pretrained(folder, dtype=dtype).eval()
+        return SwittiVQVAE.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
     weights = folder / OFFICIAL_WEIGHTS_NAME
     if not weights.is_file():
         raise WeightsError(f"{OFFICIAL_WEIGHTS_NAME} is missing", artifact_id=str(source), filename=str(weights))

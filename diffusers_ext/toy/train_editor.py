@@ -511,7 +511,7 @@ def run(args) -> int:
     if args.vae_from and not args.resume:
         from diffusers import AutoencoderKL
 
-        trained = AutoencoderKL.from_pretrained(args.vae_from)
+        trained = AutoencoderKL.from_pretrained(args.vae_from, use_safetensors=True)
         pipe.vae.load_state_dict(trained.state_dict())
         shift, scale = trained.config.shift_factor, trained.config.scaling_factor
         pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)

@@ -17,6 +17,7 @@ artifact, the repo id, the file, each folder searched with what was found there,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -115,10 +116,45 @@ def _check_location(art: Artifact, root: Path, files: dict[str, Path] | None = N
         if why is not None:
             problems.append(f"{f.path}: {why}")
     if not problems:
-        return True, "ok"
+        problems = _missing_component_weights(art, root)
+        if not problems:
+            return True, "ok"
+        return False, "incomplete: " + "; ".join(problems)
     if all(pr.endswith(": missing") for pr in problems):
         return False, "missing" if len(problems) == 1 else f"missing ({len(problems)} files)"
     return False, "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+
+
+def _lists_only_configs(art: Artifact) -> bool:
+    """An external pipeline folder whose entry lists the config files only (upstream hashes unknown)."""
+    return art.status == "external" and art.kind == "diffusers-pipeline"
+
+
+def _missing_component_weights(art: Artifact, root: Path) -> list[str]:
+    """For an entry that lists only a pipeline's config files: every listed component folder with a ``config.json``
+    must also hold its weights, as safetensors (every shard its ``*.safetensors.index.json`` names), or a snapshot
+    with the configs alone would pass as complete. Nothing to check for entries that list their weights."""
+    if not _lists_only_configs(art):
+        return []
+    out = []
+    for f in art.files:
+        parts = Path(f.path).parts
+        if len(parts) != 2 or parts[1] != "config.json":
+            continue
+        comp = root / parts[0]
+        index = sorted(comp.glob("*.safetensors.index.json"))
+        if index:
+            try:
+                shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError):
+                out.append(f"{parts[0]}/{index[0].name}: unreadable")
+                continue
+            missing = [sh for sh in shards if not (comp / sh).is_file()]
+            if missing:
+                out.append(f"{parts[0]}/: {len(missing)} of {len(shards)} weight shards missing ({missing[0]}, ...)")
+        elif not any(comp.glob("*.safetensors")):
+            out.append(f"{parts[0]}/: no .safetensors weights")
+    return out
 
 
 def _is_verified(art: Artifact) -> bool:
@@ -292,14 +328,26 @@ def _common_root(art: Artifact, files: dict[str, Path]) -> Path:
 
 
 def _download(art: Artifact, cache: Path, searched, hit) -> ResolvedArtifact:
-    """Download every file at the pinned revision into the HF cache, verify, and delete any bad download."""
-    from huggingface_hub import hf_hub_download
+    """Download every file at the pinned revision into the HF cache, verify, and delete any bad download.
+
+    Only reached when no good copy is in the cache, so files are fetched again (``force_download``) rather than taken
+    from a cached copy already found bad. An entry listing only a pipeline's configs (external) downloads the
+    snapshot's configs, tokenizer files and safetensors weights (no pickles)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     files: dict[str, Path] = {}
-    for f in art.files:
-        got = hf_hub_download(art.repo_id, f.path, subfolder=art.subfolder, revision=art.revision,
-                              cache_dir=str(cache))
-        files[f.path] = Path(got)
+    if _lists_only_configs(art):
+        pre = f"{art.subfolder}/" if art.subfolder else ""
+        got = Path(snapshot_download(art.repo_id, revision=art.revision, cache_dir=str(cache), force_download=True,
+                                     allow_patterns=[f"{pre}{p}" for p in ("*.json", "*/*.json", "*/*.safetensors",
+                                                                            "*/*.txt", "*/*.model")]))
+        root = got / art.subfolder if art.subfolder else got
+        files = {f.path: root / f.path for f in art.files}
+    else:
+        for f in art.files:
+            got = hf_hub_download(art.repo_id, f.path, subfolder=art.subfolder, revision=art.revision,
+                                  cache_dir=str(cache), force_download=True)
+            files[f.path] = Path(got)
     root = _common_root(art, files)
     ok, outcome = _check_location(art, root, files)
     if ok:
@@ -314,7 +362,8 @@ def _download(art: Artifact, cache: Path, searched, hit) -> ResolvedArtifact:
     searched.append(SearchedLocation("hub", f"{art.repo_id}@{art.revision}", f"downloaded, then rejected: {outcome}"))
     raise WeightsError("the downloaded file(s) do not match the manifest (deleted them)", artifact_id=art.id,
                        repo_id=art.repo_id, filename=art.main_file.path, searched=searched,
-                       hint="the Hub copy differs from the pinned revision; report this, or update the manifest")
+                       hint="the files just downloaded from the Hub do not match the manifest's entry for this "
+                            "revision; report this, or update the manifest")
 
 
 def load_state_dict(artifact: str | Artifact, device: str = "cpu", **resolve_kwargs):
