@@ -68,6 +68,19 @@ def test_edit_with_missing_image_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
+def test_options_without_a_subcommand_go_to_edit():
+    from diffusers_ext.cli import with_default_subcommand
+
+    assert with_default_subcommand([]) == ["edit"]
+    assert with_default_subcommand(["--debug"]) == ["--debug", "edit"]
+    assert with_default_subcommand(["--seed", "3"]) == ["edit", "--seed", "3"]
+    assert with_default_subcommand(["--debug", "--out", "x"]) == ["--debug", "edit", "--out", "x"]
+    for argv in (["bench", "base"], ["--help"], ["--version"], ["bnech"]):
+        assert with_default_subcommand(argv) == argv
+    r = _run("--image", "/no/such.png", "--instruction", "make it red")  # was: "invalid choice: '/no/such.png'"
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "such.png" in r.stderr, r.stderr
+
+
 def test_help_and_version():
     r = _run("--help")
     assert r.returncode == 0 and "weights" in r.stdout and "bench" in r.stdout

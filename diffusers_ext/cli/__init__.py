@@ -53,13 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_default_subcommand(argv: list[str]) -> list[str]:
+    """``argv`` with ``edit`` put in front of the first argument that is neither ``--debug`` nor a subcommand, when
+    that argument is an option: ``editsteer --seed 3`` is ``editsteer edit --seed 3``, ``editsteer`` alone is
+    ``editsteer edit``. A bare word that is not a subcommand stays, so a typo gets argparse's "invalid choice"."""
+    first = next((i for i, a in enumerate(argv) if a != "--debug"), None)
+    if first is None:
+        return [*argv, DEFAULT_SUBCOMMAND]
+    a = argv[first]
+    if a.startswith("-") and a not in ("-h", "--help", "--version"):
+        return [*argv[:first], DEFAULT_SUBCOMMAND, *argv[first:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("EDITSTEER_DEBUG") == "1"
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
-    if not [a for a in argv if not a.startswith("-")] and not {"-h", "--help", "--version"} & set(argv):
-        argv = [*argv, DEFAULT_SUBCOMMAND]
+    argv = with_default_subcommand(argv)
     args = parser.parse_args(argv)
     args._command = "editsteer " + shlex.join(argv)  # what reproduces this run, for the reports that record it
     if getattr(args, "_unavailable", None):
