@@ -290,11 +290,11 @@ def main(argv=None) -> int:
     def save():
         (out / "cost.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    def record(name, t, inputs, info, repeats, modes, warmup):
+    def record(name, t, inputs, info, repeats, modes, warmup, critic_kwargs=crit):
         t0 = time.perf_counter()
-        r = measure(t, inputs, crit, repeats, args.device, modes, warmup)
+        r = measure(t, inputs, critic_kwargs, repeats, args.device, modes, warmup)
         tokens = info["target_tokens"] + info["reference_tokens"] + info["text_tokens"]
-        entry = {"name": name, **info, "tokens": tokens, "repeats": repeats,
+        entry = {"name": name, **info, "tokens": tokens, "repeats": repeats, "critic_kwargs": critic_kwargs,
                  "analytic_overhead_pct": analytic_overhead(t.inner_dim, tokens), **r,
                  "wall_s": round(time.perf_counter() - t0, 1)}
         results["configs"].append(entry)
@@ -349,7 +349,10 @@ def main(argv=None) -> int:
             else:
                 inputs, info = qwen_inputs(t, side, args.qwen_text, 1, dtype, args.device)
             reps = args.repeats * (2 if side <= 512 else 1)
-            record(f"{label}, {side}x{side}", t, inputs, info, reps, ("bare", "critique", "steer"), i == 0)
+            # steer_start 0: in steer mode the timed block steers (the default l_in + 1 would leave a one-block model
+            # reading only, i.e. time critique mode twice); in a whole model all blocks but l_in steer
+            record(f"{label}, {side}x{side}", t, inputs, info, reps, ("bare", "critique", "steer"), i == 0,
+                   {**crit, "steer_start": 0})
             del inputs
         del t
     print(f"wrote {out}/cost.json", file=sys.stderr)
