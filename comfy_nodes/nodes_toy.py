@@ -18,7 +18,7 @@ ToyTextEncoder = io.Custom("EDITSTEER_TOY_TEXT_ENCODER")
 
 def image_to_comfy(img: np.ndarray) -> torch.Tensor:
     """uint8 ``HxWx3`` -> ComfyUI IMAGE ``(1, H, W, 3)`` float in ``[0, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(img)).float().div(255.0).unsqueeze(0)
+    return torch.tensor(img, dtype=torch.float32).div(255.0).unsqueeze(0)
 
 
 class EditSteerToyEditorLoader(io.ComfyNode):

@@ -130,7 +130,7 @@ class AnchorEditPipeline(WanPipeline):
             if a.ndim != 3 or a.shape[-1] != 3 or a.dtype != np.uint8:
                 raise EditSteerConfigError(f"an image must be a PIL image or a uint8 HxWx3 array, got "
                                            f"{a.dtype} {a.shape}")
-            t = torch.from_numpy(np.ascontiguousarray(a)).float().div(127.5).sub(1).permute(2, 0, 1).unsqueeze(0)
+            t = torch.tensor(a, dtype=torch.float32).div(127.5).sub(1).permute(2, 0, 1).unsqueeze(0)
         h, w = t.shape[-2:]
         m = self.grid_multiple
         if h % m or w % m or h < m or w < m:

@@ -134,7 +134,7 @@ def prepare_user_mask(mask, grid: int, sizes=()) -> torch.Tensor:
     if isinstance(mask, PIL.Image.Image):
         m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
     elif isinstance(mask, np.ndarray):
-        m = torch.from_numpy(np.ascontiguousarray(mask)).float() / (255.0 if mask.dtype == np.uint8 else 1.0)
+        m = torch.tensor(mask, dtype=torch.float32) / (255.0 if mask.dtype == np.uint8 else 1.0)
     elif isinstance(mask, torch.Tensor):
         m = mask.detach().float().cpu() / (255.0 if mask.dtype == torch.uint8 else 1.0)
     else:

@@ -443,7 +443,7 @@ def to_tensor(img: np.ndarray):
     """uint8 HxWx3 (or NxHxWx3) -> float tensor in [-1, 1], (N)x3xHxW."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(img)).float().div(127.5).sub(1.0)
+    t = torch.tensor(img, dtype=torch.float32).div(127.5).sub(1.0)
     return t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
