@@ -93,13 +93,14 @@ def critic_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
 def rope_critic_rows(x: torch.Tensor, raw: torch.Tensor, txt_freqs: torch.Tensor, start: int, n_c: int,
                      pos: torch.Tensor) -> torch.Tensor:
     """``x`` (text q or k after RoPE, ``(B, S_txt, H, D)``) with its critic rows ``[start, start + n_c)`` RoPE'd
-    from ``raw`` (the same before RoPE) at text rows ``pos[b] + j`` of ``txt_freqs`` (complex, ``(S_txt, D/2)``):
-    ``apply_rotary_emb_qwen``'s arithmetic with per-sample rows."""
+    from ``raw`` (the same before RoPE) at text rows ``pos[b] + j`` of ``txt_freqs`` (complex, ``(S_txt, D/2)``),
+    by diffusers' own ``apply_rotary_emb_qwen``, one sample at a time (its frequencies broadcast over the batch)."""
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
     rows = raw[:, start:start + n_c]
-    b, n, h, _ = rows.shape
-    f = txt_freqs[pos[:, None].to(txt_freqs.device) + torch.arange(n, device=txt_freqs.device)]  # (B, n_c, D/2)
-    rotated = torch.view_as_real(torch.view_as_complex(rows.float().reshape(b, n, h, -1, 2)) * f[:, :, None])
-    return core.replace_rows(x, rotated.flatten(3).type_as(rows), start)
+    f = txt_freqs[pos[:, None].to(txt_freqs.device) + torch.arange(n_c, device=txt_freqs.device)]  # (B, n_c, D/2)
+    rotated = torch.cat([apply_rotary_emb_qwen(rows[i:i + 1], f[i], use_real=False) for i in range(rows.shape[0])])
+    return core.replace_rows(x, rotated, start)
 
 
 def _timestep(t):

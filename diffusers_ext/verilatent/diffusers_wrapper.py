@@ -231,19 +231,12 @@ def _encoding_fields(pipe) -> tuple[tuple[str, str], tuple[str, str], bool] | No
     """How a pipeline takes back what its ``encode_prompt`` returned: the keyword names of (embeddings, second
     output) for the prompt and for the negative prompt, and whether the source image can be passed as latents.
     ``None``: a pipeline family whose encodings VeriLatent does not reuse (each call encodes again, still exact)."""
-    from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+    from diffusers import FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     if isinstance(pipe, FluxKontextPipeline):
         return (("prompt_embeds", "pooled_prompt_embeds"),
                 ("negative_prompt_embeds", "negative_pooled_prompt_embeds"), True)
-    qwen: tuple = (QwenImageEditPipeline,)
-    try:
-        from diffusers import QwenImageEditPlusPipeline
-
-        qwen += (QwenImageEditPlusPipeline,)
-    except ImportError:  # older diffusers
-        pass
-    if isinstance(pipe, qwen):
+    if isinstance(pipe, (QwenImageEditPipeline, QwenImageEditPlusPipeline)):
         # the Qwen edit pipelines size the output and the prompt image from a PIL `image`: it cannot be passed as
         # latents, so the VAE encodes the source once per call (the text encoder, the costly part, runs once)
         return (("prompt_embeds", "prompt_embeds_mask"),
