@@ -45,10 +45,12 @@ def tiny_kontext_dir(session_tmp) -> Path:
     """A tiny FluxKontextPipeline saved with save_pretrained (Hub layout), with locally built tokenizers."""
     from diffusers_ext.tiny import TinyKontextConfig, tiny_kontext_pipeline
     from diffusers_ext.toy.world import vocabulary
+    from diffusers_ext.weights import hub_key_layout
 
     out = session_tmp / "tiny-kontext"
     if not out.exists():
         tiny_kontext_pipeline(TinyKontextConfig(words=tuple(vocabulary()))).save_pretrained(out)
+        hub_key_layout(out)  # the CLIP text encoder's keys as FLUX.1 Kontext's Hub checkpoint has them
     return out
 
 

@@ -269,3 +269,65 @@ def test_external_pipeline_listed_by_its_configs_needs_its_weights(tmp_path, tin
         f.unlink()
     with pytest.raises(WeightsError, match=r"transformer/: no \.safetensors weights"):
         resolve(art, path=folder)
+
+
+def _clip_components():
+    from diffusers_ext.weights.manifest import assets_dir
+
+    found = []
+    for cfg in sorted(assets_dir().glob("*/*/config.json")):
+        if "CLIPTextModel" in (json.loads(cfg.read_text()).get("architectures") or []):
+            found.append(cfg.parent)
+    return found
+
+
+@pytest.mark.parametrize("component", _clip_components(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_clip_text_encoders_use_the_hub_key_layout_and_load_whole(component):
+    """The bundled CLIP text encoders carry the Hub's ``text_model.*`` keys (as FLUX.1 Kontext's and
+    openai/clip-vit-large-patch14's files do), so every supported transformers loads them; transformers >= 5.6 saves
+    them without the prefix, and 5.0-5.5 load such a file as a random encoder with a warning only. The installed
+    transformers must load every weight, value for value."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    tensors = load_file(component / "model.safetensors")
+    assert tensors and all(k.startswith("text_model.") for k in tensors), sorted(tensors)[:3]
+    model, info = CLIPTextModel.from_pretrained(component, use_safetensors=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = model.state_dict()
+    for key, value in tensors.items():
+        name = key if key in state else key.removeprefix("text_model.")
+        assert torch.equal(state[name], value), key
+
+
+def test_hub_key_layout_prefixes_clip_keys_only_once(tmp_path):
+    """``hub_key_layout`` gives a saved CLIPTextModel the Hub's prefix (file metadata and a shard index included),
+    leaves other components alone, and a second pass changes nothing; the result loads back value for value."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffusers_ext.weights import hub_key_layout
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2))
+    clip.save_pretrained(tmp_path / "text_encoder")
+    t5.save_pretrained(tmp_path / "text_encoder_2")
+    t5_before = (tmp_path / "text_encoder_2" / "model.safetensors").read_bytes()
+    # a pre-5.6-style shard index next to the weights, as a sharded save writes it
+    index = tmp_path / "text_encoder" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"embeddings.token_embedding.weight": "x",
+                                                                "text_model.final_layer_norm.weight": "x"}}))
+    hub_key_layout(tmp_path)
+    with safe_open(tmp_path / "text_encoder" / "model.safetensors", "pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys()) and f.metadata().get("format") == "pt"
+    assert set(json.loads(index.read_text())["weight_map"]) == {"text_model.embeddings.token_embedding.weight",
+                                                                "text_model.final_layer_norm.weight"}
+    assert (tmp_path / "text_encoder_2" / "model.safetensors").read_bytes() == t5_before
+    assert hub_key_layout(tmp_path) == []
+    index.unlink()
+    back = CLIPTextModel.from_pretrained(tmp_path / "text_encoder", use_safetensors=True)
+    for (name, a), b in zip(clip.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name

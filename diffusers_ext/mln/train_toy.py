@@ -271,6 +271,7 @@ def train_switti(args, out: Path) -> Path:
     from ..switti.text import encode_prompts
     from ..switti.tiny import TOY_SWITTI_CONFIG, tiny_text_encoders, tiny_transformer
     from ..toy import world as W
+    from ..weights import hub_key_layout
 
     acc = Accelerator(cpu=True)
     cfg = TOY_SWITTI_CONFIG.__class__(**{**TOY_SWITTI_CONFIG.__dict__, "words": tuple(W.vocabulary())})
@@ -326,6 +327,7 @@ def train_switti(args, out: Path) -> Path:
                           tokenizer=tok, text_encoder_2=acc.unwrap_model(te2).eval(), tokenizer_2=tok2)
     final = out / "pipeline"
     pipe.save_pretrained(final)
+    hub_key_layout(final)  # CLIP keys as on the Hub, loadable by every transformers 5.x
     (final / "editsteer_toy.json").write_text(json.dumps(
         {"preset": "toy", "resolution": W.IMAGE_SIZE, "trained_steps": step, "wall_s": round(wall, 1)}, indent=1) + "\n")
     _record_time(out, "switti", step, wall, args)

@@ -460,6 +460,7 @@ def run(args) -> int:
     from accelerate import Accelerator
 
     from ..errors import EditSteerConfigError
+    from ..weights import hub_key_layout
     from . import world as W
     from .editor import DEFAULT_SETTINGS, write_settings
 
@@ -691,6 +692,7 @@ def run(args) -> int:
     final = run_eval("final")
     folder = out / "pipeline"
     pipe.save_pretrained(folder, safe_serialization=True)
+    hub_key_layout(folder)  # CLIP keys as on the Hub, loadable by every transformers 5.x
     write_settings(folder, max_sequence_length=args.max_sequence_length, num_inference_steps=args.inference_steps)
     # the pipeline folder must hold the VAE's final shift/scale and nothing else from training
     record = {"command": state["command"], "threads": torch.get_num_threads(), "processes": world_size,

@@ -1,5 +1,6 @@
 """Weight artifacts: the manifest, the local-first resolver, and safetensors-only loading."""
 
+from .hub_keys import hub_key_layout
 from .manifest import Artifact, ArtifactFile, entry_from_folder, get_artifact, load_manifest, write_entry
 from .resolver import (
     ResolvedArtifact,
@@ -19,6 +20,7 @@ __all__ = [
     "downloads_allowed",
     "entry_from_folder",
     "get_artifact",
+    "hub_key_layout",
     "load_manifest",
     "load_safetensors",
     "load_state_dict",
