@@ -78,6 +78,33 @@ def test_requirements_txt_is_pyproject_without_torch():
     assert reqs == [d for d in deps if not d.lower().startswith("torch")]
 
 
+def test_floor_constraints_pin_every_lower_bound():
+    """tests/constraints-floor.txt pins each dependency at pyproject's lower bound (torch in a comment: its PyPI
+    builds are CUDA builds), so running the suite on it tests the versions the pack claims to support."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    deps = [Requirement(d) for d in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+            ["dependencies"]]
+    pins = {}
+    for line in (REPO_ROOT / "tests" / "constraints-floor.txt").read_text().splitlines():
+        text = line.removeprefix("# ").strip() if line.startswith("# torch==") else line.split("#")[0].strip()
+        if text:
+            req = Requirement(text)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = Version(spec.version)
+    floors = {}
+    for req in deps:
+        lower = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{req}: one '>=' lower bound expected"
+        floors[canonicalize_name(req.name)] = lower[0]
+    assert pins == floors
+
+
 def _setuptools_config() -> dict:
     import tomllib
 
