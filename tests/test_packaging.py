@@ -105,6 +105,28 @@ def test_floor_constraints_pin_every_lower_bound():
     assert pins == floors
 
 
+def test_requires_python_is_what_the_lowest_diffusers_needs():
+    """The pack's metadata admits no Python its lowest diffusers cannot install on (3.10 against diffusers 0.42's
+    ``>=3.11``): pip then says "Package 'editsteer' requires a different Python", not only that no diffusers fits."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (floor,) = [s for r in map(Requirement, project["dependencies"]) if r.name == "diffusers" for s in r.specifier]
+    installed = Version(importlib.metadata.version("diffusers"))
+    if installed.release[:2] != Version(floor.version).release[:2]:
+        pytest.skip(f"installed diffusers {installed} is not the {floor.version} series")
+    theirs = SpecifierSet(importlib.metadata.metadata("diffusers")["Requires-Python"])
+    ours = SpecifierSet(project["requires-python"])
+    for minor in range(8, 16):
+        python = Version(f"3.{minor}")
+        assert python not in ours or python in theirs, f"requires-python admits {python}; diffusers needs {theirs}"
+
+
 def _setuptools_config() -> dict:
     import tomllib
 
