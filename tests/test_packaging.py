@@ -105,6 +105,22 @@ def test_floor_constraints_pin_every_lower_bound():
     assert pins == floors
 
 
+def test_ci_finds_both_readme_commands():
+    """``.ci/run`` runs the README's test command, then the floor one; both markers must precede a bash block, and
+    the floor command must install from the constraints file."""
+    import re
+
+    text = (REPO_ROOT / "README.md").read_text()
+    commands = {}
+    for marker in ("<!-- test-command -->", "<!-- floor-test-command -->"):
+        m = re.search(re.escape(marker) + r"\n```bash\n(.+)\n```", text)
+        assert m, f"README.md: no bash block right after {marker}"
+        commands[marker] = m.group(1)
+        assert marker in (REPO_ROOT / ".ci" / "run").read_text()
+    assert "-c tests/constraints-floor.txt" in commands["<!-- floor-test-command -->"]
+    assert all("torch==2.13.0" in c and "-m pytest" in c for c in commands.values())
+
+
 def test_requires_python_is_what_the_lowest_diffusers_needs():
     """The pack's metadata admits no Python its lowest diffusers cannot install on (3.10 against diffusers 0.42's
     ``>=3.11``): pip then says "Package 'editsteer' requires a different Python", not only that no diffusers fits."""
