@@ -118,3 +118,63 @@ def test_long_prompts_are_truncated_with_a_warning(caplog):
     assert enc.embeds.shape[1] == pipe.tokenizer.model_max_length
     assert len(enc.truncated) == 1 and "truncated" in enc.truncated[0]
     assert any("truncated" in r.message for r in caplog.records)
+
+
+def _hub_clip_repo(folder, hidden: int, seed: int):
+    """A tiny full ``CLIPModel`` checkpoint as ``openai/clip-vit-large-patch14`` and the LAION bigG repo hold it:
+    config.json (text + vision configs), model.safetensors (``text_model.*``, ``vision_model.*``, projections), and
+    the CLIP tokenizer's files. ``hidden`` is the real text width (768 / 1280), which Switti's context needs."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffusers_ext.tiny import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_clip_tokenizer(["a", "red", "circle"])
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=16),
+                     projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def test_official_checkpoints_build_a_pipeline_offline(hf_cache, official_layout, tmp_path):
+    """``SwittiPipeline.from_switti_checkpoints`` with the four official repos in a hand-built HF cache (their
+    defaults, no arguments): the text encoders are the CLIP checkpoints' text towers, value for value, and the
+    pipeline generates. A CLIP checkpoint that lacks a text weight is refused by name instead of running with a
+    randomly initialised encoder (transformers only warns)."""
+    from safetensors.torch import load_file, save_file
+
+    from diffusers_ext.switti import load_text_encoders
+
+    t_dir, v_dir, _, _ = official_layout
+    write_hf_cache_repo(hf_cache, "yresearch/Switti", t_dir)
+    write_hf_cache_repo(hf_cache, "yresearch/VQVAE-Switti", v_dir)
+    towers = {}
+    for repo, hidden, seed in (("openai/clip-vit-large-patch14", 768, 1),
+                               ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", 1280, 2)):
+        towers[repo] = _hub_clip_repo(tmp_path / repo, hidden, seed).text_model.state_dict()
+        keys = load_file(tmp_path / repo / "model.safetensors")
+        assert any(k.startswith("vision_model.") for k in keys) and any(k.startswith("text_model.") for k in keys)
+        write_hf_cache_repo(hf_cache, repo, tmp_path / repo)
+
+    pipe = SwittiPipeline.from_switti_checkpoints()
+    for encoder, repo in ((pipe.text_encoder, "openai/clip-vit-large-patch14"),
+                          (pipe.text_encoder_2, "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")):
+        state = encoder.state_dict()
+        for name, value in towers[repo].items():  # transformers < 5.6 keeps the text_model wrapper
+            assert torch.equal(state[name if name in state else f"text_model.{name}"], value), (repo, name)
+    image = pipe("a red circle", seed=0, output_type="pt").images
+    assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()
+
+    broken = tmp_path / "broken-clip"
+    _hub_clip_repo(broken, 768, 1)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["text_model.final_layer_norm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"1 of \d+ weights are not in the checkpoint.*final_layer_norm"):
+        load_text_encoders(broken, tmp_path / "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")

@@ -289,12 +289,21 @@ def load_text_encoders(text_encoder: str | os.PathLike = TEXT_ENCODER_REPO,
     for src in (text_encoder, text_encoder_2):
         try:
             tok = CLIPTokenizer.from_pretrained(src, local_files_only=not allow)
-            model = CLIPTextModel.from_pretrained(src, local_files_only=not allow, use_safetensors=True,
-                                                  dtype=dtype)
+            model, info = CLIPTextModel.from_pretrained(src, local_files_only=not allow, use_safetensors=True,
+                                                        dtype=dtype, output_loading_info=True)
         except OSError as e:
             raise WeightsError(f"CLIP text encoder not found{'' if allow else ' locally (downloads not allowed)'}: "
                                f"{str(e).splitlines()[0]}", artifact_id=str(src), repo_id=str(src),
                                hint="set EDITSTEER_ALLOW_DOWNLOAD=1 (and unset HF_HUB_OFFLINE) to download it, or "
                                     "pass a local folder") from None
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:  # transformers only warns, and the encoder would run with random weights
+            raise WeightsError(
+                f"CLIP text encoder {src}: {len(missing)} of {len(model.state_dict())} weights are not in the "
+                f"checkpoint (e.g. {missing[0]}); transformers would initialise them at random",
+                artifact_id=str(src), repo_id=str(src),
+                hint="a CLIPTextModel saved by transformers >= 5.6 lacks the Hub's 'text_model.' key prefix, which "
+                     "transformers 5.0-5.5 need: upgrade transformers, or rewrite the folder with "
+                     "diffusers_ext.weights.hub_key_layout(folder)")
         out += [tok, model.eval()]
     return tuple(out)
