@@ -304,14 +304,12 @@ def test_hub_key_layout_prefixes_clip_keys_only_once(tmp_path):
     """``hub_key_layout`` gives a saved CLIPTextModel the Hub's prefix (file metadata and a shard index included),
     leaves other components alone, and a second pass changes nothing; the result loads back value for value."""
     from safetensors import safe_open
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
+    from diffusers_ext.switti.tiny import tiny_text_encoders
     from diffusers_ext.weights import hub_key_layout
 
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
+    _, clip, _, _ = tiny_text_encoders()
     t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2))
     clip.save_pretrained(tmp_path / "text_encoder")
     t5.save_pretrained(tmp_path / "text_encoder_2")
