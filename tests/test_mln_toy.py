@@ -157,6 +157,33 @@ def test_speed_baselines_are_named_by_where_guidance_stops(toy):
     with pytest.raises(ValueError, match="plain"):
         speed.bench_pipeline(pipe, cases, [cfg], 1, baselines={"early_off": 3})
 
+
+def test_busy_time_is_the_time_inside_ops(toy):
+    """``busy``: the profiled time inside torch ops, a part of the wall time (the rest is Python and launches),
+    reported for every baseline and configuration with its ratio to plain generation's."""
+    import time
+
+    import torch
+
+    from diffusers_ext.mln import speed
+    from diffusers_ext.mln.config import MLNConfig
+
+    x = torch.randn(256, 256)
+    t = time.perf_counter()
+    b = speed.busy_s(lambda: [x @ x for _ in range(20)])
+    assert 0 < b < time.perf_counter() - t
+    assert speed.busy_s(lambda: time.sleep(0.05)) < 0.01  # Python-side time is not busy time
+
+    cfg = MLNConfig.preset("toy")
+    case = W.make_case("heldout", 0, 0)
+    r = speed.bench_pipeline(toy, [(W.to_pil(case.source), case.source_caption, case.target_caption)], [cfg], 1,
+                             busy=True)
+    assert 0 < r["plain_busy_s"] and 0 < r["plain_cfg_all_busy_s"]
+    m = r["mln"]["toy"]
+    assert m["busy_ratio"] == m["busy_s"] / r["plain_busy_s"] and m["busy_s"] > 0
+    assert "busy_s" not in speed.bench_pipeline(toy, [(W.to_pil(case.source), case.source_caption,
+                                                       case.target_caption)], [cfg], 1)["mln"]["toy"]
+
 def test_bench_set_overrides_config_fields_and_refuses_unknown_ones(tmp_path):
     import argparse
 

@@ -2,7 +2,7 @@
 
 ``python -m diffusers_ext.mln.speed --out runs/mln-speed [--full-size] [--repeats 3] [--threads 1]``
 ``python -m diffusers_ext.mln.speed --out runs/mln-speed-gpu --full-size-only --full-size-reso 512 1024
---full-size-variants paper fast --device cuda --dtype bf16 --full-size-repeats 3`` (full-size runs take their
+--full-size-variants paper fast --device cuda --dtype bf16 --full-size-repeats 3 --busy`` (full-size runs take their
 repeats from ``--full-size-repeats``; ``--repeats`` is the toy's)
 
 * ``toy``: the bundled toy Switti (32 px, 6 scales), median over toy cases: MLN edit (source -> target caption)
@@ -22,7 +22,9 @@ repeats from ``--full-size-repeats``; ``--repeats`` is the toy's)
 Both report wall time, transformer row-passes x tokens (the work the transformer does), and MLN's parts (source
 tokenisation, mask passes, scale loop, refinement + decode). On CUDA every timed call is synchronised and preceded by
 one untimed warm-up call, the peak allocated memory is recorded, and the CPU-time ratios (meant for a shared CPU)
-mean nothing; read the wall-time ``ratio``.
+mean nothing; read the wall-time ``ratio``. ``--busy`` profiles one more call of each and adds the time the device
+was busy (GPU kernels, or CPU ops) and its ratio: at batch 1 on a GPU the wall time is mostly Python and kernel
+launches, and ``busy_ratio`` is what the wall ratio tends to once that overhead is gone.
 """
 
 from __future__ import annotations
@@ -79,8 +81,27 @@ def _time(fn, repeats: int, device: torch.device = torch.device("cpu")
     return statistics.median(ts), ts, out, statistics.median(cpu)
 
 
+def busy_s(fn, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds one call of ``fn`` keeps the device busy, read with ``torch.profiler``: on CUDA the summed kernel and
+    copy time (the GPU runs them one after another on one stream), on the CPU the summed self time of the torch ops
+    (``record_function`` ranges left out). Wall time minus this is the Python and kernel-launch overhead, so the
+    ratio of two such numbers is what a wall-time ratio tends to once that overhead is gone (CUDA graphs, a
+    compiler, larger batches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        _sync(device)
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    return sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.events()
+               if e.device_type == kind and not getattr(e, "is_user_annotation", False)) / 1e6
+
+
 def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodings=None,
-                   baselines: dict[str, int] | None = None) -> dict:
+                   baselines: dict[str, int] | None = None, busy: bool = False) -> dict:
     """Median wall times over ``cases`` = [(image, source, target), ...]: plain generations with the first config's
     sampling settings, and MLN with each config.
 
@@ -88,6 +109,9 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
     config's ``cfg_stop``, as MLN) is the reference of ``ratio``; every other baseline ``b`` gets ``b_s``,
     ``b_cpu_s``, ``token_rows_b`` and a ``vs_b`` block per MLN config. Default: ``plain`` and ``plain_cfg_all``
     (every scale guided, the official ``SwittiPipeline.__call__`` default at 512 px).
+
+    ``busy``: also profile one more call of each (:func:`busy_s`) and report the median busy time, ``busy_s`` and
+    ``busy_ratio`` (MLN over plain).
     """
     from ..switti.pipeline import SwittiPipeline
     from .pipeline import MLNPipeline
@@ -109,21 +133,30 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
     mln_t: dict[str, list] = {c.name: [] for c in configs}
     mln_cpu: dict[str, list] = {c.name: [] for c in configs}
     parts: dict[str, list] = {c.name: [] for c in configs}
+    busy_t: dict[str, list] = {k: [] for k in [*baselines, *(c.name for c in configs)]}
     for i, (img, src, tgt) in enumerate(cases):
         enc = encodings(i) if encodings else {}
         p_kw = {"prompt_encoding": enc["target"], "negative_prompt_encoding": enc["source"]} if enc else {}
         m_kw = {"target_encoding": enc["target"], "source_encoding": enc["source"]} if enc else {}
         for b, stop in baselines.items():
-            t, _, _, cpu = _time(lambda: plain(tgt, negative_prompt=src, seed=i, turn_off_cfg_start_si=stop, **kw,
-                                               **p_kw), repeats, device)
+            def run_plain():
+                return plain(tgt, negative_prompt=src, seed=i, turn_off_cfg_start_si=stop, **kw, **p_kw)
+
+            t, _, _, cpu = _time(run_plain, repeats, device)
             base_t[b].append(t)
             base_cpu[b].append(cpu)
+            if busy:
+                busy_t[b].append(busy_s(run_plain, device))
         for c in configs:
-            t, _, out, cpu = _time(lambda: mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw), repeats,
-                                   device)
+            def run_mln():
+                return mln(img, src, tgt, config=c, seed=i, output_type="pt", **m_kw)
+
+            t, _, out, cpu = _time(run_mln, repeats, device)
             mln_t[c.name].append(t)
             mln_cpu[c.name].append(cpu)
             parts[c.name].append({k: out.info[k] for k in ("mask_s", "sample_s", "total_s")})
+            if busy:
+                busy_t[c.name].append(busy_s(run_mln, device))
     med = {b: statistics.median(v) for b, v in base_t.items()}
     cpu = {b: statistics.median(v) for b, v in base_cpu.items()}
     rows = {b: token_rows_plain(pns, stop) for b, stop in baselines.items()}
@@ -131,12 +164,17 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
            "token_rows_plain": rows["plain"], "cases": len(cases), "repeats": repeats, "patch_nums": list(pns),
            "baselines_turn_off_cfg_start_si": baselines, "device": str(device),
            "dtype": str(pipe.transformer.dtype).removeprefix("torch."), "mln": {}}
+    med_busy = {k: statistics.median(v) for k, v in busy_t.items() if v}
+    if busy:
+        res["plain_busy_s"] = med_busy["plain"]
     if device.type == "cuda":
         res["device_name"] = torch.cuda.get_device_name(device)
         res["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     others = [b for b in baselines if b != "plain"]
     for b in others:
         res.update({f"{b}_s": med[b], f"{b}_cpu_s": cpu[b], f"token_rows_{b}": rows[b]})
+        if busy:
+            res[f"{b}_busy_s"] = med_busy[b]
     for c in configs:
         med_m = statistics.median(mln_t[c.name])
         cpu_m = statistics.median(mln_cpu[c.name])
@@ -149,6 +187,8 @@ def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodi
             **{f"vs_{b}": {"ratio": med_m / med[b], "cpu_ratio": cpu_m / cpu[b], "token_row_ratio": rows_m / rows[b]}
                for b in others},
         }
+        if busy:
+            res["mln"][c.name].update(busy_s=med_busy[c.name], busy_ratio=med_busy[c.name] / med_busy["plain"])
     return res
 
 
@@ -163,7 +203,7 @@ def toy(args) -> dict:
     cfg = MLNConfig.for_num_scales(len(pipe.patch_nums))
     cases = [W.make_case("heldout", 0, i) for i in range(args.toy_cases)]
     res = bench_pipeline(pipe, [(W.to_pil(c.source), c.source_caption, c.target_caption) for c in cases],
-                         [cfg, cfg.fast()], args.repeats)
+                         [cfg, cfg.fast()], args.repeats, busy=args.busy)
     res["model"] = where
     return res
 
@@ -213,7 +253,7 @@ def full_size(args, reso: int = 512) -> dict:
     # the Switti README's 1024 example turns guidance off from scale 11
     baselines = None if reso == 512 else {"plain": configs[0].cfg_stop, "switti_readme_1024": 11}
     res = bench_pipeline(pipe, [(img, "source", "target")], configs, args.repeats,
-                         encodings=lambda i: {"source": src, "target": tgt}, baselines=baselines)
+                         encodings=lambda i: {"source": src, "target": tgt}, baselines=baselines, busy=args.busy)
     res.update(build_s=build_s, params_transformer=sum(p.numel() for p in transformer.parameters()),
                params_vqvae=sum(p.numel() for p in vqvae.parameters()),
                text_encoders="left out (random encodings; equal cost in both)")
@@ -224,7 +264,8 @@ def _say(name: str, r: dict) -> None:
     others = [b for b in r["baselines_turn_off_cfg_start_si"] if b != "plain"]
     parts = ", ".join(f"MLN[{k}] {v['mln_s']:.3f}s ({v['ratio']:.2f}x wall, {v['cpu_ratio']:.2f}x CPU, token-rows "
                       f"{v['token_row_ratio']:.2f}x"
-                      + "".join(f"; against {b} {v['vs_' + b]['cpu_ratio']:.2f}x CPU" for b in others) + ")"
+                      + "".join(f"; against {b} {v['vs_' + b]['cpu_ratio']:.2f}x CPU" for b in others)
+                      + (f"; busy {v['busy_ratio']:.2f}x" if "busy_ratio" in v else "") + ")"
                       for k, v in r["mln"].items())
     base = "".join(f", {b} {r[b + '_s']:.3f}s ({r[b + '_cpu_s']:.3f}s CPU)" for b in others)
     print(f"{name}: plain {r['plain_s']:.3f}s ({r['plain_cpu_s']:.3f}s CPU){base}; {parts}", file=sys.stderr)
@@ -246,6 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model dtype (default fp32)")
+    p.add_argument("--busy", action="store_true",
+                   help="also profile one call of each and record the device's busy time (GPU kernels, CPU ops)")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
