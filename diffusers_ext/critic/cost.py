@@ -111,10 +111,13 @@ def qwen_inputs(t, side_px: int, text_len: int, batch: int, dtype, device, vae_f
 
 
 def measure(transformer, inputs: dict, critic_kwargs: dict, repeats: int, device: str, modes=MODES,
-            warmup: bool = True) -> dict:
-    """Median forward time and peak memory per mode; modes interleaved within each repeat."""
+            warmup: bool = True, busy: bool = False) -> dict:
+    """Median forward time and peak memory per mode; modes interleaved within each repeat. ``busy``: also one
+    profiled forward per mode, for the time the device was busy (GPU kernels, or CPU ops; see
+    :func:`diffusers_ext.bench.timing.busy_s`) and its overhead over the bare forward."""
     import torch
 
+    from ..bench.timing import busy_s
     from .apply import apply_inline_critic, critic_config_for, remove_inline_critic
     from .module import InlineCritic
 
@@ -129,19 +132,24 @@ def measure(transformer, inputs: dict, critic_kwargs: dict, repeats: int, device
     times = {m: [] for m in modes}
     peaks = {m: [] for m in modes}
     handle = None
+
+    def use(m):  # the transformer as mode m runs it: bare (no critic) or with the critic in mode m
+        nonlocal handle
+        if m == "bare":
+            if handle is not None:
+                remove_inline_critic(transformer)
+                handle = None
+        else:
+            if handle is None:
+                handle = apply_inline_critic(transformer, critic, mode=m)
+            handle.set_mode(m)
+
     with torch.no_grad():
         if warmup:
             transformer(**inputs)  # warm-up (allocator, kernels)
         for r in range(repeats):
             for m in modes:
-                if m == "bare":
-                    if handle is not None:
-                        remove_inline_critic(transformer)
-                        handle = None
-                else:
-                    if handle is None:
-                        handle = apply_inline_critic(transformer, critic, mode=m)
-                    handle.set_mode(m)
+                use(m)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
@@ -157,6 +165,10 @@ def measure(transformer, inputs: dict, critic_kwargs: dict, repeats: int, device
                     peaks[m].append((torch.cuda.max_memory_allocated() - base) / 2**20)
                 else:
                     peaks[m].append((_rss_kb("VmHWM:") - base) / 1024)
+        busy_t = {}
+        for m in modes if busy else ():
+            use(m)
+            busy_t[m] = busy_s(lambda: transformer(**inputs), device)
     if handle is not None:
         remove_inline_critic(transformer)
     med = {m: statistics.median(v) for m, v in times.items()}
@@ -165,6 +177,10 @@ def measure(transformer, inputs: dict, critic_kwargs: dict, repeats: int, device
            "peak_extra_mb_median": {m: round(statistics.median(v), 1) for m, v in peaks.items()},
            "critic_params": sum(p.numel() for p in critic.parameters())}
     res["overhead_pct_vs_bare"] = {m: round(100 * (med[m] / med["bare"] - 1), 2) for m in modes if m != "bare"}
+    if busy_t:
+        res["busy_s"] = {m: round(v, 5) for m, v in busy_t.items()}
+        res["busy_overhead_pct_vs_bare"] = {m: round(100 * (busy_t[m] / busy_t["bare"] - 1), 2)
+                                            for m in modes if m != "bare"}
     bare = times["bare"]
     res["bare_spread_pct"] = round(100 * (max(bare) - min(bare)) / med["bare"], 2) if len(bare) > 1 else None
     return res
@@ -268,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--busy", action="store_true",
+                   help="also profile one forward per mode: the device's busy time (GPU kernels, or CPU ops)")
     args = p.parse_args(argv)
 
     import torch
@@ -292,7 +310,7 @@ def main(argv=None) -> int:
 
     def record(name, t, inputs, info, repeats, modes, warmup, critic_kwargs=crit):
         t0 = time.perf_counter()
-        r = measure(t, inputs, critic_kwargs, repeats, args.device, modes, warmup)
+        r = measure(t, inputs, critic_kwargs, repeats, args.device, modes, warmup, busy=args.busy)
         tokens = info["target_tokens"] + info["reference_tokens"] + info["text_tokens"]
         entry = {"name": name, **info, "tokens": tokens, "repeats": repeats, "critic_kwargs": critic_kwargs,
                  "analytic_overhead_pct": analytic_overhead(t.inner_dim, tokens), **r,
@@ -301,7 +319,9 @@ def main(argv=None) -> int:
         o = entry["overhead_pct_vs_bare"]
         print(f"{name:<44} bare {r['time_s_median']['bare']:.4f}s  " + "  ".join(f"{m} {v:+.2f}%" for m, v in
               o.items()) + f"  (peak extra MB bare/steer: {r['peak_extra_mb_median']['bare']:.0f}/"
-              f"{r['peak_extra_mb_median']['steer']:.0f})", flush=True)
+              f"{r['peak_extra_mb_median']['steer']:.0f})"
+              + ("".join(f"  busy {m} {v:+.2f}%" for m, v in r["busy_overhead_pct_vs_bare"].items())
+                 if "busy_s" in r else ""), flush=True)
         save()
 
     if "flops" in only or "memory" in only:

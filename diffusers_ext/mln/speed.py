@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ..bench.timing import busy_s, sync
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,11 +60,6 @@ def token_rows_mln(pns, cfg) -> int:
     return mask + loop
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, repeats: int, device: torch.device = torch.device("cpu")
           ) -> tuple[float, list[float], object, float]:
     """Median wall time, all wall times, the last output, and the median CPU time of this process (which, unlike
@@ -72,32 +69,13 @@ def _time(fn, repeats: int, device: torch.device = torch.device("cpu")
         fn()
     ts, cpu, out = [], [], None
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t, c = time.perf_counter(), time.process_time()
         out = fn()
-        _sync(device)
+        sync(device)
         ts.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return statistics.median(ts), ts, out, statistics.median(cpu)
-
-
-def busy_s(fn, device: torch.device = torch.device("cpu")) -> float:
-    """Seconds one call of ``fn`` keeps the device busy, read with ``torch.profiler``: on CUDA the summed kernel and
-    copy time (the GPU runs them one after another on one stream), on the CPU the summed self time of the torch ops
-    (``record_function`` ranges left out). Wall time minus this is the Python and kernel-launch overhead, so the
-    ratio of two such numbers is what a wall-time ratio tends to once that overhead is gone (CUDA graphs, a
-    compiler, larger batches)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    _sync(device)
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        fn()
-        _sync(device)
-    kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    return sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.events()
-               if e.device_type == kind and not getattr(e, "is_user_annotation", False)) / 1e6
 
 
 def bench_pipeline(pipe, cases: list[tuple], configs: list, repeats: int, encodings=None,
