@@ -310,6 +310,27 @@ def _lowrank(x, first, down, up, scale, film=None):
     return flat.reshape(b, s, h, d)
 
 
+@pytest.mark.parametrize("layout", ["bshd", "from_bhsd"])
+def test_steer_rows_in_place_writes_into_x_whatever_its_strides(layout):
+    """The in-place path (inference) adds into ``x`` itself, with the fused product where the heads flatten into a
+    view and the plain add where they do not (a BHSD tensor transposed to BSHD), and equals the reference."""
+    g = torch.Generator().manual_seed(3)
+    b, s, h, d, r, first = 2, 9, 2, 8, 3, 4
+    x = torch.randn(b, s, h, d, generator=g)
+    if layout == "from_bhsd":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        assert x.stride(-2) != d
+    down, up = torch.randn(h * d, r, generator=g), torch.randn(r, h * d, generator=g)
+    film = torch.randn(b, r, generator=g)
+    ref = _lowrank(x, first, down, up, 0.5, film)
+    y = x.clone() if layout == "bshd" else x.clone().transpose(1, 2).contiguous().transpose(1, 2)
+    with torch.no_grad():
+        out = core.steer_rows(y, first, down, up, 0.5, film, inplace=True)
+    assert out is y
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(core.steer_rows(x, first, down, up, 0.5, film), ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_steer_adapters_correct_the_image_rows_of_qkv_and_output_scaled_by_the_critic(grad):
     q, k, v = _qkv()

@@ -20,10 +20,11 @@ Tensor layout (``BSHD``)
 Block modes (see :meth:`CriticConfig.block_mode`)
     ``dormant``: main tokens attend over the main tokens only (the frozen model's own attention call); the critic
     rows' attention output is zero. ``read``: same main call; the critic queries attend over every main key and
-    the critic keys (a small separate attention in float32). ``steer``: one attention over the whole joint
-    sequence; critic keys get the additive logit bias ``log(scale)`` (``scale == 1``: no bias; ``scale == 0``:
-    read). With a ``gate`` (decoupled steering, :func:`critic_steer`), ``steer`` is the ``read`` computation plus,
-    for every main row, a separate attention over the critic keys alone times ``scale * gate``. Per-block low-rank
+    the critic keys (a second, ``n_c``-query call of ``attn_fn`` on the joint sequence). ``steer``: one attention
+    over the whole joint sequence; critic keys get the additive logit bias ``log(scale)`` (``scale == 1``: no
+    bias; ``scale == 0``: read). With a ``gate`` (decoupled steering, :func:`critic_steer`), ``steer`` is the
+    ``read`` computation plus, for every main row, a separate attention over the critic keys alone times
+    ``scale * gate``. Per-block low-rank
     adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first. Steering adapters, when
     present (``steer`` blocks with ``scale > 0``, :func:`steer_rows`), add low-rank corrections to the image rows
     (every row after the critic) of ``q, k, v`` (post-RoPE) and of the attention output, their bottleneck scaled by
@@ -123,35 +124,22 @@ def steer_rows(x: torch.Tensor, first: int, down: torch.Tensor, up: torch.Tensor
                film: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """``x (B, S, H, Dh)`` with ``scale * ((x @ down) * film) @ up`` added to rows ``[first, S)`` on the flattened
     heads (``down (H*Dh, r)``, ``up (r, H*Dh)``, ``film (B, r)`` or ``None``). Computed in ``x``'s dtype, like a
-    LoRA: a float32 copy of every image row would cost more than the adapter itself. ``inplace`` adds into ``x``
-    (no copy of the sequence; autograd off only)."""
+    LoRA: a float32 copy of every image row would cost more than the adapter itself. ``scale`` and ``film`` act on
+    the rank-``r`` bottleneck, not on the full-width product. ``inplace`` adds into ``x`` with one fused
+    matrix-product-and-add (no copy of the sequence, no full-width temporary; autograd off only)."""
     rows = x[:, first:]
     b, n, h, d = rows.shape
     z = rows.reshape(b, n, h * d) @ down.to(x.dtype)
-    if film is not None:
-        z = z * film[:, None, :].to(x.dtype)
-    delta = ((z @ up.to(x.dtype)) * float(scale)).reshape(b, n, h, d)
+    z = z * float(scale) if film is None else z * (film[:, None, :] * float(scale)).to(x.dtype)
+    up = up.to(x.dtype)
+    if inplace and rows.stride(-1) == 1 and rows.stride(-2) == d:  # the heads flatten into a view of x
+        rows.view(b, n, h * d).baddbmm_(z, up.expand(b, *up.shape))
+        return x
+    delta = (z @ up).reshape(b, n, h, d)
     if inplace:
         rows.add_(delta)
         return x
     return torch.cat([x[:, :first], rows + delta], dim=1)
-
-
-def critic_read(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The critic's own attention: queries ``qc (B, n_c, H, Dh)`` over the main keys ``k, v (B, S, H, Dh)`` and the
-    critic keys ``kc, vc (B, n_c, H, Dh)``; softmax in float32. ``key_mask`` (``(B, S)`` bool) masks main keys."""
-    scale = 1.0 / math.sqrt(qc.shape[-1])
-    qf = qc.float() * scale
-    s_main = torch.einsum("bqhd,bkhd->bhqk", qf, k.float())
-    if key_mask is not None:
-        s_main = s_main.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    s_self = torch.einsum("bqhd,bkhd->bhqk", qf, kc.float())
-    p = torch.softmax(torch.cat([s_main, s_self], dim=-1), dim=-1)
-    n_main = k.shape[1]
-    out = torch.einsum("bhqk,bkhd->bqhd", p[..., :n_main], v.float())
-    out = out + torch.einsum("bhqk,bkhd->bqhd", p[..., n_main:], vc.float())
-    return out.to(qc.dtype)
 
 
 def critic_steer(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -240,7 +228,15 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
     if block_mode == "dormant":
         out_c = torch.zeros_like(qc, dtype=out_main.dtype)
     else:
-        out_c = critic_read(qc, km, vm, kc, vc, mm).to(out_main.dtype)
+        # the critic's read: its n_c queries over every key, main and (adapted) critic, through the same kernel on
+        # the joint sequence (key order does not matter to a softmax). A float32 attention of its own would copy
+        # the keys and values of the whole sequence to float32 in every block: on a GPU that cost more than the
+        # rest of the critic (README, Inline Critic, "What it costs").
+        if inplace:
+            k[:, start:start + n_c], v[:, start:start + n_c] = kc, vc
+        else:
+            k, v = replace_rows(k, kc, start), replace_rows(v, vc, start)
+        out_c = attn_fn(qc, k, v, key_mask).to(out_main.dtype)
     out = insert_rows(out_main, out_c, start)
     if extra is not None:  # the critic rows only read
         out = out + replace_rows(extra, torch.zeros_like(take_rows(extra, start, n_c)), start).to(out.dtype)
