@@ -24,11 +24,10 @@ Block modes (see :meth:`CriticConfig.block_mode`)
     over the whole joint sequence; critic keys get the additive logit bias ``log(scale)`` (``scale == 1``: no
     bias; ``scale == 0``: read). With a ``gate`` (decoupled steering, :func:`critic_steer`), ``steer`` is the
     ``read`` computation plus, for every main row, a separate attention over the critic keys alone times
-    ``scale * gate``. Per-block low-rank
-    adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE) first. Steering adapters, when
-    present (``steer`` blocks with ``scale > 0``, :func:`steer_rows`), add low-rank corrections to the image rows
-    (every row after the critic) of ``q, k, v`` (post-RoPE) and of the attention output, their bottleneck scaled by
-    what the critic holds at this block (:func:`critic_film`).
+    ``scale * gate``. Per-block low-rank adapters, when present, act on the critic rows of ``q, k, v`` (post-RoPE)
+    first. Steering adapters, when present (``steer`` blocks with ``scale > 0``, :func:`steer_rows`), add low-rank
+    corrections to the image rows (every row after the critic) of ``q, k, v`` (post-RoPE) and of the attention
+    output, their bottleneck scaled by what the critic holds at this block (:func:`critic_film`).
 
 Example::
 
@@ -231,7 +230,7 @@ def critic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start
         # the critic's read: its n_c queries over every key, main and (adapted) critic, through the same kernel on
         # the joint sequence (key order does not matter to a softmax). A float32 attention of its own would copy
         # the keys and values of the whole sequence to float32 in every block: on a GPU that cost more than the
-        # rest of the critic (README, Inline Critic, "What it costs").
+        # rest of the critic (README, Inline Critic, "Cost").
         if inplace:
             k[:, start:start + n_c], v[:, start:start + n_c] = kc, vc
         else:
