@@ -23,6 +23,6 @@ def test_cost_benchmark_times_every_mode_and_profiles_busy_time(tmp_path):
         assert set(busy) == set(modes) and all(0.3 * wall[m] < busy[m] < 3 * wall[m] for m in modes)
         pct = 100 * (busy["steer"] / busy["bare"] - 1)  # from the rounded seconds
         assert r["busy_overhead_pct_vs_bare"]["steer"] == pytest.approx(pct, abs=0.5)
-    # the critic is removed afterwards: a second run without --busy records no busy time
+    # without --busy nothing is profiled
     assert cost.main(["--only", "toy", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "plain")]) == 0
     assert "busy_s" not in json.loads((tmp_path / "plain" / "cost.json").read_text())["configs"][0]

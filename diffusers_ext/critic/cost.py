@@ -117,18 +117,13 @@ def measure(transformer, inputs: dict, critic_kwargs: dict, repeats: int, device
     :func:`diffusers_ext.bench.timing.busy_s`) and its overhead over the bare forward."""
     import torch
 
-    from ..bench.timing import busy_s
+    from ..bench.timing import busy_s, sync
     from .apply import apply_inline_critic, critic_config_for, remove_inline_critic
     from .module import InlineCritic
 
     torch.manual_seed(0)
     critic = InlineCritic(critic_config_for(transformer, **critic_kwargs))
     cuda = device.startswith("cuda")
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     times = {m: [] for m in modes}
     peaks = {m: [] for m in modes}
     handle = None
@@ -156,10 +151,10 @@ def measure(transformer, inputs: dict, critic_kwargs: dict, repeats: int, device
                 else:
                     _peak_reset()
                     base = _rss_kb("VmRSS:")
-                sync()
+                sync(device)
                 t0 = time.perf_counter()
                 transformer(**inputs)
-                sync()
+                sync(device)
                 times[m].append(time.perf_counter() - t0)
                 if cuda:
                     peaks[m].append((torch.cuda.max_memory_allocated() - base) / 2**20)
